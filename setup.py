@@ -26,7 +26,7 @@ setuptools.setup(
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["ddpm_course", "ddpm_course.*"]),
     include_package_data=True,
-    package_data={"ddpm_course": ["pretrained/*.safetensors", "pretrained/*.json", "pretrained/*.md", "pretrained/*.csv"]},
+    package_data={"ddpm_course": ["pretrained/*/*"]},
     install_requires=requirements,
     extras_require={"dev": dev_requirements, "bench": bench_requirements},
     entry_points={"console_scripts": console_scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
