@@ -188,3 +188,34 @@ def test_toy_2d_moons_shape():
     np.testing.assert_allclose(back, raw, atol=1e-5)
     with pytest.raises(ValueError, match="moons"):
         make_toy_2d("spiral")
+
+
+def _write_fake_mnist(root, folder, n_train=5, n_test=3):
+    # the idx files torchvision reads (what the download would have unpacked); offline, no download needed
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        images[0] = 255  # a white image: must come out as all ones
+        labels = np.arange(n, dtype=np.uint8) % 10
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(np.array([0x803, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_branch_on_local_files(tmp_path, name, folder):
+    _write_fake_mnist(tmp_path, folder)
+    ds = load_dataset(name, root=tmp_path, download=False)
+    assert len(ds) == 5
+    x = ds[0]
+    assert isinstance(x, torch.Tensor) and x.shape == (1, 28, 28) and torch.equal(x, torch.ones_like(x))
+    assert ds[1].min() >= -1 and ds[1].max() <= 1 and ds[1].min() < 0
+    assert len(load_dataset(name, split="test", root=tmp_path, download=False)) == 3
+    assert len(load_dataset(name, split="all", root=tmp_path, download=False)) == 8
+    small = load_dataset(name, image_size=16, channels=3, root=tmp_path, download=False)
+    assert small[0].shape == (3, 16, 16)
+    xl, yl = load_dataset(name, with_labels=True, root=tmp_path, download=False)[3]
+    assert xl.shape == (1, 28, 28) and int(yl) == 3
+    batch = next(iter(get_dataloader(ds, 4, seed=0)))
+    assert batch.shape == (4, 1, 28, 28)
