@@ -226,8 +226,8 @@ def test_interpolate_diffusion_endpoints_ignore_the_other_image():
     assert ab.shape == (3, 2, 1, 8, 8)
     torch.testing.assert_close(ab[0], ac[0])  # w = 0 is image a alone
     assert not torch.allclose(ab[1], ac[1])
-    ca = interpolate_diffusion(ddpm, c, a, t=50, weights=[1.0], seed=0)
-    assert not torch.allclose(ca[0], ab[0])
+    cb = interpolate_diffusion(ddpm, c, b, t=50, weights=[0.0, 0.5, 1.0], seed=0)
+    torch.testing.assert_close(ab[2], cb[2])  # w = 1 is image b alone
 
 
 def test_bad_arguments_fail_clearly():
