@@ -10,15 +10,6 @@ from ddpm_course.ddpm import DDPM, ToyMLP, ddpm_step, p_mean_variance_from_eps
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "These models are tiny: one thread is fastest, and far faster when other processes share the CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Recorder(nn.Module):
     "Returns zeros and remembers what it was called with."
 

@@ -18,15 +18,6 @@ T = 1000
 SCHEDULES = {"linear": linear_beta_schedule(T), "cosine": cosine_beta_schedule(T)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "These models are tiny: one thread is fastest, and far faster when other processes share the CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def schedule(name="linear"):
     return NoiseSchedule(SCHEDULES[name])
 

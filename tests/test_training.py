@@ -24,15 +24,6 @@ from ddpm_course.training import (CheckpointError, NonFiniteLossError, TrainConf
 TINY = dict(dim=8, dim_mults=[1, 2], attn=["none", "none"], mid_attn="none", groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "These models are tiny: one thread is fastest, and far faster when other processes share the CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw):
     base = dict(steps=12, batch_size=16, unet_overrides=TINY, timesteps=40, log_every=3, sample_every=6,
                 checkpoint_every=6, n_samples=4, warmup=4, seed=1)
