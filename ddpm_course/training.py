@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -30,10 +31,10 @@ from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
 from .unet import UNET_PRESETS, UNet, unet_preset
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'FORMAT', 'FORMAT_VERSION', 'NETS', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'TrainConfig', 'lr_at',
-           'ema_decay_at', 'ema_update', 'StepBatchSampler', 'CheckpointError', 'atomic_write', 'Checkpoint',
-           'save_checkpoint', 'load_checkpoint', 'build_net', 'load_model', 'build_ddpm', 'NonFiniteLossError',
-           'TrainResult', 'plot_log', 'train']
+__all__ = ['AMP_MODES', 'FORMAT', 'FORMAT_VERSION', 'NETS', 'PRETRAINED_PREFIX', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'TrainConfig',
+           'lr_at', 'ema_decay_at', 'ema_update', 'StepBatchSampler', 'CheckpointError', 'atomic_write', 'Checkpoint',
+           'save_checkpoint', 'pretrained_dir', 'resolve_checkpoint', 'load_checkpoint', 'build_net', 'load_model',
+           'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log', 'train']
 
 # %% ../nbs/10_training.ipynb #fdf6773c
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -246,9 +247,29 @@ def save_checkpoint(
     return path
 
 # %% ../nbs/10_training.ipynb #8265c7b0
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def pretrained_dir(name: str) -> Path:
+    "The folder of a model shipped inside the package, ddpm_course/pretrained/<name>."
+    return Path(str(files("ddpm_course"))) / "pretrained" / name
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    "`pretrained:NAME` as the shipped folder (a CheckpointError if there is none); any other path unchanged."
+    if not str(path).startswith(PRETRAINED_PREFIX):
+        return Path(path)
+    name = str(path)[len(PRETRAINED_PREFIX):]
+    if not name or not (pretrained_dir(name) / "config.json").is_file():
+        shipped = sorted(f.parent.name for f in pretrained_dir("").glob("*/config.json")
+                         if json.loads(f.read_text()).get("format") == FORMAT)
+        raise CheckpointError(f"no pretrained model {name!r} ships with ddpm_course; shipped: {', '.join(shipped) or 'none'}")
+    return pretrained_dir(name)
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    "Read a checkpoint (a run folder or its .safetensors file), checking it is complete and consistent; nothing is unpickled."
-    path = Path(path)
+    "Read a checkpoint (a run folder, its .safetensors file, or pretrained:NAME), checking it is complete and consistent; nothing is unpickled."
+    path = resolve_checkpoint(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}: expected a run folder holding model.safetensors "
