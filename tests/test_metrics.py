@@ -7,6 +7,7 @@ import scipy.linalg
 import torch
 
 from ddpm_course.data import load_dataset, load_digits_with_labels, to_uint8
+from ddpm_course.training import pretrained_dir
 from ddpm_course.metrics import (
     ImageClassifier,
     class_entropy,
@@ -19,7 +20,6 @@ from ddpm_course.metrics import (
     gaussian_stats,
     load_classifier,
     prepare_images,
-    pretrained_dir,
     save_classifier,
     shift_augment,
     train_classifier,

@@ -1,0 +1,187 @@
+"""Tests of ddpm_course.cli: the `ddpm-course` command, in-process through main() and once as the console script."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_course.cli import build_parser, main, read_samples
+from ddpm_course.sampling import sample_ddim
+from ddpm_course.training import load_model
+
+QUICK = ["--sample-every", "10", "--checkpoint-every", "10", "--n-samples", "4", "--log-every", "5", "--no-progress"]
+
+
+def error_line(capsys) -> str:
+    "The single stderr line of a failed command (and check there is nothing else, no traceback)."
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpm-course: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("samples")
+    assert main(["sample", "--checkpoint", "pretrained:digits", "--n", "40", "--steps", "20", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("train", "sample", "eval", "export"))
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in sub.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            for opt in action.option_strings:
+                assert opt in text, (name, opt)
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.dest)  # every option is explained
+    flat = " ".join(sub["train"].format_help().split())
+    assert f"this number (default: {sub['train'].get_default('steps')})" in flat
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--steps", "0"],
+    ["train", "--lr", "-1"],
+    ["sample", "--out", "x"],  # --checkpoint missing
+    ["sample", "--checkpoint", "pretrained:digits", "--out", "x", "--sampler", "euler"],
+    ["eval"],
+    ["frobnicate"],
+])
+def test_bad_arguments_exit_2_without_traceback(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_train_writes_five_files_resumes_and_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "20", "--out", str(out), *QUICK]) == 0
+    assert "new run" in capsys.readouterr().out
+    assert {"model.safetensors", "config.json", "log.csv", "loss.png", "samples.png"} <= {p.name for p in out.iterdir()}
+    assert main(["train", "--steps", "30", "--out", str(out), *QUICK]) == 0
+    assert "resumed from step 20" in capsys.readouterr().out
+    assert main(["train", "--steps", "30", "--out", str(out), *QUICK]) == 0
+    assert "already finished" in capsys.readouterr().out
+    with open(out / "log.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == list(range(5, 31, 5))
+    # a resumed run may not change what defines the model
+    assert main(["train", "--steps", "40", "--out", str(out), "--lr", "0.01", *QUICK]) == 2
+    assert "other settings" in error_line(capsys)
+
+
+def test_resume_is_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(["train", "--steps", "20", "--out", str(a), *QUICK])
+    main(["train", "--steps", "10", "--out", str(b), *QUICK])
+    main(["train", "--steps", "20", "--out", str(b), *QUICK])
+    for p, q in zip(load_model(a).parameters(), load_model(b).parameters()):
+        assert torch.equal(p, q)
+
+
+def test_sample_writes_npz_and_grid(samples):
+    images = read_samples(samples / "samples.npz")
+    assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8
+    assert 0 < images.mean() < 255
+    assert (samples / "grid.png").is_file()
+
+
+def test_sample_is_seeded_and_matches_the_library(tmp_path, samples):
+    main(["sample", "--checkpoint", "pretrained:digits", "--n", "40", "--steps", "20", "--out", str(tmp_path), "--no-progress"])
+    same = read_samples(tmp_path / "samples.npz")
+    assert np.array_equal(same, read_samples(samples / "samples.npz"))
+    lib = sample_ddim(load_model("pretrained:digits"), 40, steps=20, seed=0)
+    assert np.array_equal(same, ((lib.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def test_sample_ddpm_and_sampler_options(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", "pretrained:digits", "--n", "2", "--sampler", "ddpm", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "ddpm, 1000 steps" in capsys.readouterr().out
+    assert read_samples(tmp_path / "samples.npz").shape == (2, 8, 8, 1)
+    assert main(["sample", "--checkpoint", "pretrained:digits", "--sampler", "ddpm", "--steps", "10", "--out", str(tmp_path)]) == 2
+    assert "--steps is for --sampler ddim" in error_line(capsys)
+
+
+def test_eval_prints_fd_floor_ratio_entropy(samples, capsys):
+    assert main(["eval", "--samples", str(samples / "samples.npz"), "--splits", "3"]) == 0
+    out = capsys.readouterr().out
+    for word in ("FD", "floor", "ratio", "class entropy", "40 images 8x8x1"):
+        assert word in out
+
+
+def test_eval_rejects_bad_files(tmp_path, capsys):
+    cases = {
+        "missing.npz": None,
+        "text.npz": lambda p: p.write_text("hello"),
+        "single.npz": lambda p: np.save(open(p, "wb"), np.zeros((2, 8, 8, 1), np.uint8)),
+        "noimages.npz": lambda p: np.savez(p, pictures=np.zeros((2, 8, 8, 1), np.uint8)),
+        "float.npz": lambda p: np.savez(p, images=np.zeros((2, 8, 8, 1), np.float32)),
+        "nhw.npz": lambda p: np.savez(p, images=np.zeros((2, 8, 8), np.uint8)),
+    }
+    words = {"missing.npz": "no samples file", "text.npz": "not a .npz", "single.npz": "single .npy",
+             "noimages.npz": "no array 'images'", "float.npz": "uint8", "nhw.npz": "N x H x W x C"}
+    for name, make in cases.items():
+        p = tmp_path / name
+        if make:
+            make(p)
+        assert main(["eval", "--samples", str(p)]) == 2
+        assert words[name] in error_line(capsys), name
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 64)
+    monkeypatch.setenv("DDPM_COURSE_DATA", str(tmp_path / "data"))
+    for argv, word in [
+        (["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no checkpoint"),
+        (["sample", "--checkpoint", str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "corrupt"),
+        (["sample", "--checkpoint", "pretrained:cats", "--out", str(tmp_path / "o")], "cats"),
+        (["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")], "unknown data set"),
+        (["train", "--dataset", "mnist", "--out", str(tmp_path / "r")], "could not download"),  # offline
+        (["eval", "--samples", str(tmp_path / "x.npz"), "--dataset", "cifar10"], "no samples file"),
+    ]:
+        assert main(argv) == 2, argv
+        assert word in error_line(capsys), argv
+
+
+def test_eval_needs_a_classifier_for_the_dataset(samples, capsys):
+    assert main(["eval", "--samples", str(samples / "samples.npz"), "--dataset", "cifar10"]) == 2
+    assert "no classifier is shipped" in error_line(capsys)
+
+
+def test_export_keeps_only_ema_weights(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    main(["train", "--steps", "10", "--out", str(run), *QUICK])
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").stat().st_size < (run / "model.safetensors").stat().st_size / 2
+    assert (out / "log.csv").read_text() == (run / "log.csv").read_text()
+    for p, q in zip(load_model(run).parameters(), load_model(out).parameters()):
+        assert torch.equal(p, q)
+
+
+def test_threads_are_restored(tmp_path):
+    before = torch.get_num_threads()
+    main(["eval", "--samples", str(tmp_path / "none.npz"), "--threads", "1"])
+    assert torch.get_num_threads() == before
+
+
+def test_console_script(tmp_path):
+    exe = Path(sys.executable).parent / "ddpm-course"
+    assert exe.is_file(), "install the package (pip install -e .) to get the console script"
+    ok = subprocess.run([str(exe), "sample", "--checkpoint", "pretrained:digits", "--n", "8", "--out", str(tmp_path), "--no-progress"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert read_samples(tmp_path / "samples.npz").shape == (8, 8, 8, 1)
+    bad = subprocess.run([str(exe), "sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
