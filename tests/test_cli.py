@@ -1,5 +1,6 @@
 """Tests of ddpm_course.cli: the `ddpm-course` command, in-process through main() and once as the console script."""
 import csv
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -142,12 +143,17 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 64)
     monkeypatch.setenv("DDPM_COURSE_DATA", str(tmp_path / "data"))
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # offline even where CI has a network
     for argv, word in [
         (["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no checkpoint"),
         (["sample", "--checkpoint", str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "corrupt"),
         (["sample", "--checkpoint", "pretrained:cats", "--out", str(tmp_path / "o")], "cats"),
         (["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")], "unknown data set"),
-        (["train", "--dataset", "mnist", "--out", str(tmp_path / "r")], "could not download"),  # offline
+        (["train", "--dataset", "mnist", "--steps", "1", "--out", str(tmp_path / "r")], "could not download"),
         (["eval", "--samples", str(tmp_path / "x.npz"), "--dataset", "cifar10"], "no samples file"),
     ]:
         assert main(argv) == 2, argv
