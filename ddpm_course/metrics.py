@@ -21,7 +21,7 @@ from torch import nn
 from .data import from_uint8, get_dataloader, load_dataset, to_uint8
 from .ddpm import DDPM
 from .sampling import sample_ddim, sample_ddpm
-from .training import PRETRAINED_PREFIX, pretrained_dir
+from .training import PRETRAINED_PREFIX, atomic_write, pretrained_dir, resolve_checkpoint
 
 # %% auto #0
 __all__ = ['gaussian_stats', 'frechet_distance', 'feature_frechet_distance', 'ImageClassifier', 'shift_augment',
@@ -115,19 +115,16 @@ def shift_augment(x: torch.Tensor, max_shift: int = 1, generator: torch.Generato
     return p[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 # %% ../nbs/12_evaluation.ipynb #94ca74d2
-def _resolve(path: str | Path) -> Path:
-    s = str(path)
-    return pretrained_dir(s[len(PRETRAINED_PREFIX):]) if s.startswith(PRETRAINED_PREFIX) else Path(path)
-
-
 def save_classifier(clf: ImageClassifier, out_dir: str | Path, info: dict | None = None) -> Path:
     "Write model.safetensors and config.json (model settings plus `info`) into out_dir."
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in clf.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"model": clf.config, **(info or {})}, indent=2) + "\n")
+    tensors = {k: v.detach().float().contiguous() for k, v in clf.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
+    config = json.dumps({"model": clf.config, **(info or {})}, indent=2) + "\n"
+    atomic_write(out / "config.json", lambda p: p.write_text(config))
     return out
 
 
@@ -136,7 +133,7 @@ def load_classifier(path: str | Path = "pretrained:digits_classifier") -> ImageC
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = _resolve(path)
+    folder = resolve_checkpoint(path)
     for f in ("config.json", "model.safetensors"):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"no classifier checkpoint at {str(path)!r}: expected a folder with config.json and model.safetensors, {f} is missing")
