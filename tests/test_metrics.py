@@ -7,7 +7,8 @@ import scipy.linalg
 import torch
 
 from ddpm_course.data import load_dataset, load_digits_with_labels, to_uint8
-from ddpm_course.training import pretrained_dir
+from ddpm_course.sampling import sample_ddim
+from ddpm_course.training import load_model, pretrained_dir
 from ddpm_course.metrics import (
     ImageClassifier,
     class_entropy,
@@ -15,6 +16,8 @@ from ddpm_course.metrics import (
     classifier_for,
     evaluate_samples,
     extract_features,
+    memorisation_check,
+    nearest_training,
     feature_frechet_distance,
     frechet_distance,
     gaussian_stats,
@@ -160,27 +163,96 @@ def test_prepare_images_forms_and_errors():
         prepare_images(u8[:, :4, :4], 8, 1)
 
 
-def test_evaluate_samples_real_floor_noise_and_collapse(clf):
-    x, y = load_digits_with_labels(split="all")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
-    held, pool = x[perm[:400]], x[perm[400:]]
-    real = evaluate_samples(held, classifier=clf, real=pool)
-    assert real.n == 400 and real.n_reference == len(pool) - 400 and real.n_splits == 10
-    assert 0.5 < real.ratio < 2.0  # held-out real digits score at the floor
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", split="train").images, load_dataset("digits", split="test").images
+
+
+def test_default_pool_is_the_held_out_split(clf, digits):
+    x_train, x_test = digits
+    r = evaluate_samples(x_train, classifier=clf)
+    assert r.n_reference == len(x_test) == 297 and r.n == 300 and r.n_sets == r.n_floor_sets == 5
+    # the pool shares no image with the training split
+    assert torch.cdist(x_test.flatten(1), x_train.flatten(1)).min() > 0
+    # training digits scored against it get no advantage: exactly the floor's images, ratio 1 within its interval
+    assert r.ratio_low < 1 < r.ratio_high and abs(r.ratio - 1) < 0.25
+
+
+def test_fresh_real_digits_score_at_the_floor(clf, digits):
+    x_train, _ = digits
+    hits = 0
+    for s in range(6):
+        p = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(s))
+        r = evaluate_samples(x_train[p[750:]], classifier=clf, train=x_train[p[:750]], seed=s)
+        assert 0.6 < r.ratio < 1.6 and r.floor_low < r.floor < r.floor_high and not r.memorisation.memorised
+        hits += r.ratio_low < 1 < r.ratio_high
+    assert hits >= 5
+
+
+def test_evaluate_samples_noise_blur_and_collapse(clf, digits):
+    x_train, _ = digits
+    y = load_dataset("digits", split="train", with_labels=True).labels
+    p = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))
+    floor_half, fake, fake_y = x_train[p[:750]], x_train[p[750:]], y[p[750:]]
+    real = evaluate_samples(fake, classifier=clf, train=floor_half)
     torch.manual_seed(0)
-    noisy = evaluate_samples((held + 0.3 * torch.randn_like(held)).clamp(-1, 1), classifier=clf, real=pool)
-    assert noisy.ratio > 3 * real.ratio and noisy.floor == pytest.approx(real.floor)
-    sub = x[perm[:800]][y[perm[:800]] < 5][:300]
-    collapsed = evaluate_samples(sub, classifier=clf, real=pool)
-    assert collapsed.entropy == pytest.approx(np.log(5), abs=0.05) and real.entropy > 2.2
-    assert "floor" in str(real) and "entropy" in str(real)
+    noisy = evaluate_samples((fake + 0.4 * torch.randn_like(fake)).clamp(-1, 1), classifier=clf, train=floor_half)
+    assert noisy.ratio_low > real.ratio_high and noisy.floor == pytest.approx(real.floor)
+    collapsed = evaluate_samples(fake[fake_y < 5], classifier=clf, train=floor_half)
+    assert collapsed.entropy == pytest.approx(np.log(5), abs=0.05) and real.entropy > 2.2 and collapsed.ratio_low > 2
+    for word in ("floor", "ratio", "entropy", "held-out", "nearest training image", "[", "95%"):
+        assert word in str(real)
 
 
-def test_evaluate_samples_uint8_and_too_many(clf):
+def test_nearest_training_matches_brute_force(digits):
+    x_train, x_test = digits
+    d, i = nearest_training(x_test[:30], x_train, batch_size=7)
+    brute = ((x_test[:30, None] - x_train[None]) ** 2).flatten(2).sum(-1).sqrt()
+    assert torch.allclose(d, brute.min(1).values, atol=1e-5) and torch.equal(i, brute.argmin(1))
+    with pytest.raises(ValueError, match="same C, H, W"):
+        nearest_training(x_test[:3], x_train[:, :, :4])
+
+
+def test_memorisation_check_catches_copies_and_passes_fresh_digits(digits):
+    x_train, x_test = digits
+    torch.manual_seed(0)
+    fresh, held_out = x_test[:150], x_test[150:]
+    copies = x_train[torch.randperm(len(x_train))[:300]]
+    ok = memorisation_check(fresh, x_train, held_out)
+    assert not ok.memorised and 0.8 < ok.median_ratio < 1.25 and ok.share_near < ok.limit
+    for noise in (0.0, 0.1):
+        m = memorisation_check((copies + noise * torch.randn_like(copies)).clamp(-1, 1), x_train, held_out)
+        assert m.memorised and m.share_near > 0.9 and m.median_ratio < 0.5
+    half = memorisation_check(torch.cat([fresh, copies[:150]]), x_train, held_out)  # half copies: still caught
+    assert half.memorised and 0.45 < half.share_near < 0.6
+    assert "MEMORISATION" in str(m) and "no memorisation" in str(ok)
+    with pytest.raises(ValueError, match="quantile"):
+        memorisation_check(fresh, x_train, held_out, quantile=0.2, limit=0.1)
+
+
+def test_shipped_model_does_not_memorise(clf):
+    x = sample_ddim(load_model("pretrained:digits"), 300, steps=20, seed=0)
+    r = evaluate_samples(x, classifier=clf)
+    assert not r.memorisation.memorised and 0.8 < r.memorisation.median_ratio < 1.2
+    assert r.ratio < 2.5 and r.entropy > 2.2
+
+
+def test_evaluate_samples_errors(clf, digits, tmp_path):
+    x_train, _ = digits
+    with pytest.raises(ValueError, match="n_sets must be >= 2"):
+        evaluate_samples(x_train[:100], classifier=clf, n_sets=1)
+    with pytest.raises(ValueError, match="at least 10 generated"):
+        evaluate_samples(x_train[:9], classifier=clf)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="no held-out split"):
+        evaluate_samples(x_train[:100], dataset=str(tmp_path), classifier=clf)
+
+
+def test_evaluate_samples_uint8(clf):
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, (1700, 8, 8, 1), dtype=np.uint8)
-    r = evaluate_samples(u8, classifier=clf, n_splits=2)
-    assert r.n == 1797 - 256 and r.n_reference == 256  # only the first M - 256 are scored
-    assert r.ratio > 20  # uniform noise is nothing like a digit
+    r = evaluate_samples(u8, classifier=clf, n_sets=3)
+    assert r.n == 500 and r.n_sets == 3 and r.n_floor_sets == 3  # N = min(1700, 1500) // 3
+    assert r.ratio_low > 20  # uniform noise is nothing like a digit
     feats, labels = extract_features(clf, u8[:10])
     assert feats.shape == (10, 64) and feats.dtype == np.float64 and labels.shape == (10,)
