@@ -196,17 +196,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _add_eval_parser(sub) -> None:
     p = sub.add_parser(
         "eval", formatter_class=_Formatter, help="score samples against real images",
-        description="Score generated images (a samples.npz from `ddpm-course sample`) against the real data set: the Fréchet "
-                    "distance in the features of a classifier trained on that data set, beside the real-versus-real floor "
-                    "(the distance that as many held-out real images reach), their ratio (about 1 for a perfect model), and "
-                    "the entropy of the predicted classes (lower than the real data's when the model misses some classes).",
+        description="Score generated images (a samples.npz from `ddpm-course sample`) against real images the model never saw "
+                    "(the data set's test split): the Fréchet distance in the features of a classifier trained on that data set, "
+                    "beside the floor (as many training images against the same held-out images), their ratio (1 within its "
+                    "interval for a perfect model), each with a 95% interval from the scatter over disjoint sets; the entropy of "
+                    "the predicted classes (lower than the real data's when the model misses some classes); and a memorisation "
+                    "check (each sample's distance to its nearest training image, against the same distance for held-out images).",
         epilog="example:\n  ddpm-course eval --samples samples/samples.npz --dataset digits")
     p.add_argument("--samples", required=True, type=Path, metavar="NPZ", help="a .npz file with an array `images`, uint8, N x H x W x C")
     p.add_argument("--dataset", default="digits", help="the real data set to compare with")
     p.add_argument("--classifier", default=None, metavar="PATH",
                    help="feature classifier folder (see ddpm_course.metrics.train_classifier); default: the one shipped for --dataset")
-    p.add_argument("--splits", type=_positive_int, default=10, help="random (held-out, reference) splits of the real images to average over")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random splits")
+    p.add_argument("--sets", type=_positive_int, default=5,
+                   help="disjoint sets (at least 2) that the samples and the training images are cut into; their scatter gives the intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order in which samples and training images are cut into sets")
     _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
@@ -239,8 +242,9 @@ def read_samples(path: str | Path) -> np.ndarray:
 def cmd_eval(args: argparse.Namespace) -> int:
     "Run `ddpm-course eval`."
     images = read_samples(args.samples)
-    report = evaluate_samples(images, args.dataset, classifier=args.classifier, n_splits=args.splits, seed=args.seed)
-    print(f"{args.samples}: {len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, compared with {args.dataset}")
+    report = evaluate_samples(images, args.dataset, classifier=args.classifier, n_sets=args.sets, seed=args.seed)
+    print(f"{args.samples}: {len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, "
+          f"compared with held-out {args.dataset} images")
     print(report)
     return 0
 

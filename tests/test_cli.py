@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from ddpm_course.cli import build_parser, main, read_samples
+from ddpm_course.data import load_dataset
+from ddpm_course.metrics import evaluate_samples
 from ddpm_course.sampling import sample_ddim
 from ddpm_course.training import load_model
 
@@ -113,11 +115,24 @@ def test_sample_ddpm_and_sampler_options(tmp_path, capsys):
     assert "--steps is for --sampler ddim" in error_line(capsys)
 
 
-def test_eval_prints_fd_floor_ratio_entropy(samples, capsys):
-    assert main(["eval", "--samples", str(samples / "samples.npz"), "--splits", "3"]) == 0
+def test_eval_prints_score_floor_ratio_intervals_and_memorisation(samples, capsys):
+    assert main(["eval", "--samples", str(samples / "samples.npz"), "--sets", "4"]) == 0
     out = capsys.readouterr().out
-    for word in ("FD", "floor", "ratio", "class entropy", "40 images 8x8x1"):
-        assert word in out
+    r = evaluate_samples(read_samples(samples / "samples.npz"), n_sets=4)
+    for text in ("40 images 8x8x1", "held-out digits", f"FD {r.fd:.3f} [{r.fd_low:.3f}, {r.fd_high:.3f}]",
+                 f"floor {r.floor:.3f} [{r.floor_low:.3f}, {r.floor_high:.3f}]",
+                 f"ratio {r.ratio:.2f}x [{r.ratio_low:.2f}, {r.ratio_high:.2f}]", "N = 10: 4 sets", "297 held-out real images",
+                 "class entropy", f"{100 * r.memorisation.share_near:.1f}% of samples nearer", "no memorisation detected"):
+        assert text in out, text
+
+
+def test_eval_flags_a_copying_model(tmp_path, capsys):
+    train = load_dataset("digits", split="train").images[:200]
+    np.savez(tmp_path / "copies.npz", images=((train + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    assert main(["eval", "--samples", str(tmp_path / "copies.npz")]) == 0
+    assert "MEMORISATION" in capsys.readouterr().out
+    assert main(["eval", "--samples", str(tmp_path / "copies.npz"), "--sets", "1"]) == 2
+    assert "n_sets must be >= 2" in error_line(capsys)
 
 
 def test_eval_rejects_bad_files(tmp_path, capsys):
