@@ -43,6 +43,12 @@ def eps_loss_weight(betas: Tensor, variances: Tensor) -> Tensor:
     return b ** 2 / (2 * var * (1 - b) * (1 - ac))
 
 # %% ../nbs/03_objective.ipynb #43ac573b
+def _check_levels(levels: int) -> None:
+    "Raise unless the number of data values is an int >= 2."
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+
+
 def discretized_gaussian_log_likelihood(
     x: Tensor,  # data in [-1, 1], on `levels` evenly spaced values
     means: Tensor,  # the Gaussian's means (broadcast against x)
@@ -50,8 +56,7 @@ def discretized_gaussian_log_likelihood(
     levels: int = 256,  # number of data values K: bins 2 / (K - 1) wide, the two end bins open
 ) -> Tensor:
     "Elementwise log-probability of data `x` on `levels` values in [-1, 1] under N(means, exp(log_scales)^2) integrated over each value's bin."
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    _check_levels(levels)
     check_broadcast(x=x, means=means, log_scales=log_scales)
     if x.numel() and x.abs().max() > 1 + 1e-6:
         raise ValueError(f"x must lie in [-1, 1] ({levels} levels), got values from {x.min().item()} to {x.max().item()}")
@@ -129,6 +134,7 @@ def variational_bound(
     "The variational bound on -log p(x_0) of a noise-predicting model, term by term, for each image of `x0`."
     if variance not in REVERSE_VARIANCES:
         raise ValueError(f"variance must be one of {REVERSE_VARIANCES}, got {variance!r}")
+    _check_levels(levels)
     b = check_betas(betas)
     T = len(b)
     if T < 2:
