@@ -6,15 +6,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import check_betas, check_broadcast
+from .forward import check_betas, check_broadcast, extract, q_sample
+from .posterior import (posterior_log_variance_clipped, posterior_mean, posterior_mean_coefs,
+                                   predict_x0_from_eps)
 
 # %% auto #0
-__all__ = ['LOSS_KINDS', 'REDUCTIONS', 'normal_kl', 'eps_loss_weight', 'discretized_gaussian_log_likelihood', 'loss_simple']
+__all__ = ['LOSS_KINDS', 'REDUCTIONS', 'REVERSE_VARIANCES', 'normal_kl', 'eps_loss_weight', 'discretized_gaussian_log_likelihood',
+           'loss_simple', 'VariationalBound', 'variational_bound']
 
 # %% ../nbs/03_objective.ipynb #3cce9e47
 def normal_kl(mean1: Tensor | float, logvar1: Tensor | float, mean2: Tensor | float, logvar2: Tensor | float) -> Tensor:
@@ -38,20 +43,34 @@ def eps_loss_weight(betas: Tensor, variances: Tensor) -> Tensor:
     return b ** 2 / (2 * var * (1 - b) * (1 - ac))
 
 # %% ../nbs/03_objective.ipynb #43ac573b
-def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
-    "Elementwise log-probability of data `x` in [-1, 1] on 256 levels under N(means, exp(log_scales)^2) integrated over each level's bin."
+def _check_levels(levels: int) -> None:
+    "Raise unless the number of data values is an int >= 2."
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+
+
+def discretized_gaussian_log_likelihood(
+    x: Tensor,  # data in [-1, 1], on `levels` evenly spaced values
+    means: Tensor,  # the Gaussian's means (broadcast against x)
+    log_scales: Tensor,  # log of its standard deviations
+    levels: int = 256,  # number of data values K: bins 2 / (K - 1) wide, the two end bins open
+) -> Tensor:
+    "Elementwise log-probability of data `x` on `levels` values in [-1, 1] under N(means, exp(log_scales)^2) integrated over each value's bin."
+    _check_levels(levels)
     check_broadcast(x=x, means=means, log_scales=log_scales)
     if x.numel() and x.abs().max() > 1 + 1e-6:
-        raise ValueError(f"x must lie in [-1, 1] (256 levels), got values from {x.min().item()} to {x.max().item()}")
+        raise ValueError(f"x must lie in [-1, 1] ({levels} levels), got values from {x.min().item()} to {x.max().item()}")
+    half_bin = 1 / (levels - 1)
     centered = x - means
     inv_std = torch.exp(-log_scales)
-    upper, lower = inv_std * (centered + 1 / 255), inv_std * (centered - 1 / 255)
+    upper, lower = inv_std * (centered + half_bin), inv_std * (centered - half_bin)
     # log of Phi(b) - Phi(a), a < b, taken in the tail on the far side of the mean so it never cancels
     far = centered > 0
     a, b = torch.where(far, -upper, lower), torch.where(far, -lower, upper)
     log_b = torch.special.log_ndtr(b)
     log_mass = log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
-    return torch.where(x < -0.999, torch.special.log_ndtr(upper), torch.where(x > 0.999, torch.special.log_ndtr(-lower), log_mass))
+    edge = 1 - half_bin                                  # beyond this, x is in an end bin
+    return torch.where(x < -edge, torch.special.log_ndtr(upper), torch.where(x > edge, torch.special.log_ndtr(-lower), log_mass))
 
 # %% ../nbs/03_objective.ipynb #4d24c38a
 LOSS_KINDS = ("mse", "l1", "huber")
@@ -72,3 +91,87 @@ def loss_simple(pred: Tensor, target: Tensor, kind: str = "mse", reduction: str 
     if not delta > 0:
         raise ValueError(f"the Huber delta must be > 0, got {delta}")
     return F.huber_loss(pred, target, reduction=reduction, delta=delta)
+
+# %% ../nbs/03_objective.ipynb #e535d306
+REVERSE_VARIANCES = ("fixed_small", "fixed_large")
+
+
+@dataclass
+class VariationalBound:
+    "The terms of the variational bound L = L_T + sum_t L_{t-1} + L_0 for each image of a batch, in nats."
+    prior: Tensor  # L_T = KL(q(x_T | x_0) || N(0, I)), [B]
+    t: Tensor  # the 0-based timesteps (1..T-1) at which each image's L_{t-1} were evaluated, [B, S]
+    terms: Tensor  # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at those timesteps, [B, S]
+    weights: Tensor  # how many timesteps each column of `terms` stands for, [S] (they sum to T - 1)
+    decoder: Tensor  # L_0 = -log p(x_0 | x_1), [B]
+    dims: int  # values per image: bits per dimension divide by it
+
+    @property
+    def total(self) -> Tensor:
+        "The bound of each image in nats, [B] (an unbiased estimate when timesteps were sampled)."
+        return self.prior + (self.terms * self.weights).sum(1) + self.decoder
+
+    def bits_per_dim(self) -> dict[str, float]:
+        "Mean over the images of L_T, of the sum of the L_{t-1}, of L_0 and of the total in bits per dimension; the total's standard error."
+        scale = 1 / (self.dims * math.log(2))
+        total = self.total * scale
+        return {"L_T": self.prior.mean().item() * scale, "sum L_t-1": (self.terms * self.weights).sum(1).mean().item() * scale,
+                "L_0": self.decoder.mean().item() * scale, "total": total.mean().item(),
+                "total_se": (total.std() / len(total) ** 0.5).item() if len(total) > 1 else float("nan")}
+
+# %% ../nbs/03_objective.ipynb #c664a4b4
+@torch.no_grad()
+def variational_bound(
+    eps_model: Callable[[Tensor, Tensor], Tensor],  # eps_theta(x_t, t) with t a LongTensor [B] of 0-based timesteps
+    betas: Tensor,  # the T betas of the schedule the model was trained with
+    x0: Tensor,  # data [B, ...] on `levels` evenly spaced values in [-1, 1]
+    levels: int = 256,  # number of data values K (the decoder's bins)
+    num_strata: int | None = None,  # None: every timestep; else one random t per image in each of this many equal strata (unbiased)
+    variance: str = "fixed_small",  # reverse variance sigma_t^2: "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t)
+    clip_x0: bool = True,  # clip the predicted x_0 to [-1, 1] before forming the reverse mean
+    generator: torch.Generator | None = None,  # CPU generator for the timesteps and the noise
+) -> VariationalBound:
+    "The variational bound on -log p(x_0) of a noise-predicting model, term by term, for each image of `x0`."
+    if variance not in REVERSE_VARIANCES:
+        raise ValueError(f"variance must be one of {REVERSE_VARIANCES}, got {variance!r}")
+    _check_levels(levels)
+    b = check_betas(betas)
+    T = len(b)
+    if T < 2:
+        raise ValueError(f"the bound needs a schedule of T >= 2 steps, got T = {T}")
+    if num_strata is not None and (isinstance(num_strata, bool) or not isinstance(num_strata, int) or not 1 <= num_strata < T):
+        raise ValueError(f"num_strata must be None or an int in 1..{T - 1}, got {num_strata!r}")
+    dev, B, sum_dims = x0.device, x0.shape[0], tuple(range(1, x0.ndim))
+    x = x0.to(torch.float64)
+    ac = torch.cumprod(1 - b, 0).to(dev)
+    coef1, coef2 = (c.to(dev) for c in posterior_mean_coefs(b))
+    post_logvar = posterior_log_variance_clipped(b).to(dev)
+    model_logvar = post_logvar if variance == "fixed_small" else b.log().to(dev)
+
+    def sample_xt(t: Tensor) -> Tensor:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dev)
+        return q_sample(x, t, ac.sqrt(), (1 - ac).sqrt(), noise)
+
+    def model_mean(xt: Tensor, t: Tensor) -> Tensor:
+        eps = eps_model(xt.to(x0.dtype), t).to(torch.float64)
+        x0_hat = predict_x0_from_eps(xt, t, eps, ac.rsqrt(), (1 / ac - 1).sqrt())
+        return posterior_mean(x0_hat.clamp(-1, 1) if clip_x0 else x0_hat, xt, t, coef1, coef2)
+
+    prior = normal_kl(ac[-1].sqrt() * x, (1 - ac[-1]).log(), 0.0, 0.0).sum(sum_dims)
+    edges = torch.linspace(1, T, (num_strata or T - 1) + 1, dtype=torch.float64).round().long()   # strata [edges[k], edges[k+1])
+    if num_strata is None:
+        ts = torch.arange(1, T).expand(B, -1)
+    else:
+        u = torch.rand(B, num_strata, generator=generator, dtype=torch.float64)
+        ts = edges[:-1] + (u * (edges[1:] - edges[:-1])).long()
+    ts, terms = ts.to(dev), []
+    for k in range(ts.shape[1]):
+        t = ts[:, k].contiguous()
+        xt = sample_xt(t)
+        kl = normal_kl(posterior_mean(x, xt, t, coef1, coef2), extract(post_logvar, t, xt.shape),
+                       model_mean(xt, t), extract(model_logvar, t, xt.shape))
+        terms.append(kl.sum(sum_dims))
+    t0 = torch.zeros(B, dtype=torch.long, device=dev)
+    decoder = -discretized_gaussian_log_likelihood(x, model_mean(sample_xt(t0), t0), 0.5 * model_logvar[0], levels).sum(sum_dims)
+    weights = (edges[1:] - edges[:-1]).to(dev, torch.float64)
+    return VariationalBound(prior, ts, torch.stack(terms, 1), weights, decoder, x[0].numel())

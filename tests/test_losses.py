@@ -9,7 +9,8 @@ from scipy.stats import norm
 from torch.distributions import Normal, kl_divergence
 
 from ddpm_course.forward import q_sample
-from ddpm_course.losses import discretized_gaussian_log_likelihood, eps_loss_weight, loss_simple, normal_kl
+from ddpm_course.losses import (discretized_gaussian_log_likelihood, eps_loss_weight, loss_simple, normal_kl,
+                                variational_bound)
 from ddpm_course.posterior import mean_from_eps, posterior_mean, posterior_mean_coefs, posterior_variance
 
 T = 1000
@@ -44,21 +45,30 @@ def test_normal_kl_broadcasts_numbers_and_is_zero_on_equal():
         normal_kl(0.0, 0.0, 1.0, 0.0)
 
 
-LEVELS = torch.linspace(-1, 1, 256, dtype=torch.float64)
-EDGES = np.concatenate([[-np.inf], ((LEVELS[:-1] + LEVELS[1:]) / 2).numpy(), [np.inf]])
-
-
+@pytest.mark.parametrize("K", [256, 17, 2])
 @pytest.mark.parametrize("mean, scale", [(0.0, 0.5), (0.9, 0.01), (-0.999, 0.003), (0.3, 2.0), (1.7, 0.2), (-0.2, 1e-3)])
-def test_discretized_log_likelihood_against_scipy(mean, scale):
-    logp = discretized_gaussian_log_likelihood(LEVELS, torch.tensor(mean, dtype=torch.float64),
-                                               torch.tensor(math.log(scale), dtype=torch.float64))
+def test_discretized_log_likelihood_against_scipy(mean, scale, K):
+    levels = torch.linspace(-1, 1, K, dtype=torch.float64)
+    edges = np.concatenate([[-np.inf], ((levels[:-1] + levels[1:]) / 2).numpy(), [np.inf]])
+    logp = discretized_gaussian_log_likelihood(levels, torch.tensor(mean, dtype=torch.float64),
+                                               torch.tensor(math.log(scale), dtype=torch.float64),
+                                               **({} if K == 256 else {"levels": K}))   # 256 is the default
     assert abs(logp.exp().sum().item() - 1) < 1e-9
     # bin masses from scipy, each taken in the tail where it is accurate
-    lo, hi = (EDGES[:-1] - mean) / scale, (EDGES[1:] - mean) / scale
+    lo, hi = (edges[:-1] - mean) / scale, (edges[1:] - mean) / scale
     brute = np.where(lo > 0, norm.sf(lo) - norm.sf(hi), norm.cdf(hi) - norm.cdf(lo))
     ok = brute > 1e-300                                         # far tails underflow even in scipy
     np.testing.assert_allclose(logp.numpy()[ok], np.log(brute[ok]), rtol=1e-7, atol=1e-9)
     assert torch.isfinite(logp).all() and (logp.numpy()[~ok] < np.log(1e-300)).all()
+
+
+def test_discretized_log_likelihood_levels_set_the_bins():
+    x, mean, log_scale = torch.tensor([0.0], dtype=torch.float64), torch.tensor([0.05], dtype=torch.float64), torch.tensor([math.log(0.1)])
+    for K, half in [(17, 1 / 16), (256, 1 / 255)]:
+        want = np.log(norm.cdf((half - 0.05) / 0.1) - norm.cdf((-half - 0.05) / 0.1))
+        np.testing.assert_allclose(discretized_gaussian_log_likelihood(x, mean, log_scale, K).item(), want, rtol=1e-9)
+    with pytest.raises(ValueError, match="levels must be an int >= 2, got 1"):
+        discretized_gaussian_log_likelihood(x, mean, log_scale, 1)
 
 
 def test_discretized_log_likelihood_far_tail_is_exact_and_has_gradient():
@@ -145,3 +155,111 @@ def test_loss_simple_rejects(kwargs, match):
 def test_loss_simple_rejects_shape_mismatch():
     with pytest.raises(ValueError, match=r"same shape, got \[2, 3\] and \[2, 1\]"):
         loss_simple(torch.zeros(2, 3), torch.zeros(2, 1))
+
+
+# The variational bound, against references built only from the forward process and plain Normal densities.
+BETAS6 = torch.tensor([0.02, 0.05, 0.1, 0.15, 0.3, 0.5], dtype=torch.float64)
+AC6 = torch.cumprod(1 - BETAS6, 0)
+SLOPE6 = torch.tensor([0.4, -0.3, 0.2, 0.6, 0.9, 1.1], dtype=torch.float64)
+
+
+def linear_eps_model(xt, t):
+    "A 'network' we can write down: eps_theta(x_t, t) = k_t x_t."
+    return SLOPE6[t].reshape(-1, *([1] * (xt.ndim - 1))) * xt
+
+
+def model_mean6(xt, t):
+    "The reverse mean (x_t - beta_t / sqrt(1 - alpha-bar_t) eps_theta) / sqrt(alpha_t), without clipping."
+    return (xt - BETAS6[t] / (1 - AC6[t]).sqrt() * linear_eps_model(xt, torch.full((len(xt),), t))) / (1 - BETAS6[t]).sqrt()
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_variational_bound_terms_against_monte_carlo(variance):
+    """Each L_{t-1}: the mean over images of the returned KL against E[log q(x_{t-1}|x_t,x_0) - log p(x_{t-1}|x_t)]
+    over forward trajectories, with q(x_{t-1}|x_t,x_0) from Bayes' rule on the forward Gaussians."""
+    N, K = 200_000, 9
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.linspace(-1, 1, K, dtype=torch.float64)[torch.randint(0, K, (N, 1), generator=g)]
+    vb = variational_bound(linear_eps_model, BETAS6, x0, K, variance=variance, clip_x0=False, generator=g)
+    assert vb.t.shape == (N, 5) and vb.weights.tolist() == [1.0] * 5 and vb.dims == 1
+    model_var = posterior_variance(BETAS6) if variance == "fixed_small" else BETAS6
+    for t in range(1, 6):
+        x_prev = AC6[t - 1].sqrt() * x0 + (1 - AC6[t - 1]).sqrt() * torch.randn(N, 1, generator=g, dtype=torch.float64)
+        xt = (1 - BETAS6[t]).sqrt() * x_prev + BETAS6[t].sqrt() * torch.randn(N, 1, generator=g, dtype=torch.float64)
+        log_post = (Normal((1 - BETAS6[t]).sqrt() * x_prev, BETAS6[t].sqrt()).log_prob(xt)
+                    + Normal(AC6[t - 1].sqrt() * x0, (1 - AC6[t - 1]).sqrt()).log_prob(x_prev)
+                    - Normal(AC6[t].sqrt() * x0, (1 - AC6[t]).sqrt()).log_prob(xt))
+        log_ratio = log_post - Normal(model_mean6(xt, t), model_var[t].sqrt()).log_prob(x_prev)
+        se = (log_ratio.var() / N + vb.terms[:, t - 1].var() / N).sqrt()
+        assert abs(log_ratio.mean() - vb.terms[:, t - 1].mean()) < 5 * se, t
+    want_prior = kl_divergence(Normal(AC6[-1].sqrt() * x0, (1 - AC6[-1]).sqrt()), Normal(0.0, 1.0)).squeeze(1)
+    torch.testing.assert_close(vb.prior, want_prior)
+
+
+def test_variational_bound_decoder_against_scipy():
+    N, K = 100_000, 17
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.linspace(-1, 1, K, dtype=torch.float64)[torch.randint(0, K, (N, 1), generator=g)]
+    vb = variational_bound(linear_eps_model, BETAS6, x0, K, variance="fixed_large", clip_x0=False, generator=g)
+    x1 = (1 - BETAS6[0]).sqrt() * x0 + BETAS6[0].sqrt() * torch.randn(N, 1, generator=g, dtype=torch.float64)
+    mean, sd, half = model_mean6(x1, 0).numpy(), BETAS6[0].sqrt().item(), 1 / (K - 1)
+    lo = np.where(x0.numpy() > -1 + 1e-9, (x0.numpy() - half - mean) / sd, -np.inf)
+    hi = np.where(x0.numpy() < 1 - 1e-9, (x0.numpy() + half - mean) / sd, np.inf)
+    nll = -np.log(np.maximum(norm.cdf(hi) - norm.cdf(lo), 1e-300)).squeeze(1)
+    se = math.sqrt(nll.var() / N + vb.decoder.var().item() / N)
+    assert abs(nll.mean() - vb.decoder.mean().item()) < 5 * se + 1e-12
+
+
+def test_variational_bound_total_matches_the_path_bound():
+    """log q(x_{1:T}|x_0) - log p(x_{0:T}) along forward trajectories (clip on: the model mean uses clipped x_0)."""
+    N, K = 200_000, 5
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.linspace(-1, 1, K, dtype=torch.float64)[torch.randint(0, K, (N, 1), generator=g)]
+    xs = [x0]
+    for t in range(6):
+        xs.append((1 - BETAS6[t]).sqrt() * xs[-1] + BETAS6[t].sqrt() * torch.randn(N, 1, generator=g, dtype=torch.float64))
+    c1, c2 = posterior_mean_coefs(BETAS6)
+    var = posterior_variance(BETAS6)
+    var[0] = var[1]                                          # the clipped first entry, for the decoder
+
+    def clipped_mean(t):
+        xt = xs[t + 1]
+        x0_hat = (xt - (1 - AC6[t]).sqrt() * linear_eps_model(xt, torch.full((N,), t))) / AC6[t].sqrt()
+        return c1[t] * x0_hat.clamp(-1, 1) + c2[t] * xt
+
+    log_q = sum(Normal((1 - BETAS6[t]).sqrt() * xs[t], BETAS6[t].sqrt()).log_prob(xs[t + 1]) for t in range(6))
+    log_p = Normal(0.0, 1.0).log_prob(xs[6]) + sum(Normal(clipped_mean(t), var[t].sqrt()).log_prob(xs[t]) for t in range(1, 6))
+    dec = Normal(clipped_mean(0), var[0].sqrt())
+    lo = torch.where(x0 > -1 + 1e-9, dec.cdf(x0 - 1 / (K - 1)), torch.zeros(()))
+    hi = torch.where(x0 < 1 - 1e-9, dec.cdf(x0 + 1 / (K - 1)), torch.ones(()))
+    direct = (log_q - log_p - (hi - lo).clamp(min=1e-300).log()).squeeze(1)
+    for strata in (None, 2, 1):
+        vb = variational_bound(linear_eps_model, BETAS6, x0, K, num_strata=strata, generator=torch.Generator().manual_seed(3))
+        assert vb.weights.sum() == 5
+        se = (direct.var() / N + vb.total.var() / N).sqrt()
+        assert abs(direct.mean() - vb.total.mean()) < 5 * se, strata
+
+
+def test_variational_bound_strata_and_bits_per_dim():
+    betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)
+    x0 = torch.zeros(4, 1, 2, 2)
+    vb = variational_bound(lambda xt, t: torch.zeros_like(xt), betas, x0, num_strata=7, generator=torch.Generator().manual_seed(0))
+    edges = [1 + round(k * 99 / 7) for k in range(8)]
+    assert vb.weights.tolist() == [b - a for a, b in zip(edges, edges[1:])] and vb.weights.sum() == 99
+    assert ((vb.t >= torch.tensor(edges[:-1])) & (vb.t < torch.tensor(edges[1:]))).all()
+    r = vb.bits_per_dim()
+    assert vb.dims == 4 and math.isclose(r["total"], (vb.total / (4 * math.log(2))).mean().item(), rel_tol=1e-12)
+    assert math.isclose(r["total"], r["L_T"] + r["sum L_t-1"] + r["L_0"], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(variance="learned"), "variance must be one of"),
+    (dict(num_strata=0), r"num_strata must be None or an int in 1\.\.5, got 0"),
+    (dict(num_strata=6), "got 6"),
+    (dict(levels=1), "levels must be an int >= 2"),
+])
+def test_variational_bound_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        variational_bound(linear_eps_model, BETAS6, torch.zeros(2, 1, dtype=torch.float64), **kwargs)
+    with pytest.raises(ValueError, match="T >= 2"):
+        variational_bound(linear_eps_model, BETAS6[:1], torch.zeros(2, 1))
