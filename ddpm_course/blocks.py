@@ -153,7 +153,7 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         qkv = self.to_qkv(x).view(b, 3, self.heads, self.dim_head, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [B, heads, N, d]
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v: [B, heads, N, d]
@@ -172,7 +172,7 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         q, k, v = self.to_qkv(x).view(b, 3, self.heads, self.dim_head, h * w).unbind(1)  # each [B, heads, d, N]
         q = q.softmax(dim=-2) * self.scale  # over the d features of each position
         k = k.softmax(dim=-1)  # over the N positions of each feature
