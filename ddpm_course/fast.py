@@ -59,7 +59,7 @@ class FastBlock(Block):
 class FastLinearAttention(LinearAttention):
     "`LinearAttention` re-associated (neither V nor the per-head output is formed); on CPU, in chunks of the batch."
 
-    chunk_bytes = 2**23  # on CPU, images per chunk such that each [heads*d, H, W] intermediate stays under 8 MB
+    chunk_bytes = 2**20  # on CPU, images per chunk such that each [heads*d, H, W] intermediate stays under 1 MB
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_image = x.element_size() * self.heads * self.dim_head * x.shape[-2] * x.shape[-1]
