@@ -46,22 +46,14 @@ def space_to_depth(x: torch.Tensor, size: int = 2) -> torch.Tensor:
 
 
 class Upsample(nn.Module):
-    "Double height and width: nearest-neighbour repeat, then a 3x3 conv (computed as a sub-pixel conv at the input size)."
+    "Double height and width: nearest-neighbour repeat of each pixel into a 2x2 patch, then a 3x3 conv."
 
     def __init__(self, dim: int, dim_out: int | None = None):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim_out or dim, 3, padding=1)
-        # taps[a, u, k] = 1 where kernel row k of an output row of parity a reads input row offset u - 1 (same for columns)
-        taps = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]], [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
-        self.register_buffer("taps", taps, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # conv(repeat(x)) without forming repeat(x): each output parity (a, b) is a 3x3 conv of x with summed taps;
-        # the 4 * C_out maps come from one conv, and pixel_shuffle interleaves them
-        w, bias, taps = self.conv.weight, self.conv.bias, self.taps.to(self.conv.weight.dtype)
-        kernel = torch.einsum("auk,bvl,oikl->oabiuv", taps, taps, w).reshape(4 * w.shape[0], w.shape[1], 3, 3)
-        bias = None if bias is None else bias.repeat_interleave(4)
-        return F.pixel_shuffle(F.conv2d(x, kernel, bias, padding=1), 2)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Downsample(nn.Module):
@@ -107,21 +99,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, scale_shift: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.proj(x)
-        if scale_shift is None:
-            return self.dropout(self.act(self.norm(x)))
-        scale, shift = scale_shift  # each [B, C, 1, 1]; scale None: shift only
-        # GroupNorm's affine map (weight, bias) followed by the scale-shift is one affine map per image and channel,
-        # applied by one group_norm call over the batch seen as a single image of B*C channels in B*groups groups
-        b, c = x.shape[:2]
-        weight, bias = self.norm.weight[:, None, None], self.norm.bias[:, None, None]
-        if scale is None:
-            weight, bias = weight.expand(b, c, 1, 1), bias + shift
-        else:
-            weight, bias = weight * (scale + 1), torch.addcmul(shift, bias, scale + 1)
-        x = F.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * self.norm.num_groups,
-                         weight.reshape(-1), bias.reshape(-1), self.norm.eps)
-        return self.dropout(self.act(x.view(b, c, *x.shape[2:])))
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift  # each [B, C, 1, 1]; scale None: a shift only (time_cond="add")
+            x = x + shift if scale is None else x * (scale + 1) + shift
+        return self.dropout(self.act(x))
 
 
 class ResnetBlock(nn.Module):
@@ -171,19 +153,15 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        # [B, 3*heads*d, H, W] -> tokens [B, N, 3*heads*d] (one copy) -> q, k, v each [B, heads, N, d] with d contiguous
-        # in memory: the layout the fused attention kernels take (with d strided, PyTorch falls back to the unfused one)
-        qkv = self.to_qkv(x).flatten(2).transpose(1, 2).contiguous()
-        q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
-        return self.to_out(out.permute(0, 1, 3, 2).reshape(b, -1, h, w))
+        b, _, h, w = x.shape
+        qkv = self.to_qkv(x).view(b, 3, self.heads, self.dim_head, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [B, heads, N, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v: [B, heads, N, d]
+        return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 # %% ../nbs/07_blocks.ipynb #8c885540
 class LinearAttention(nn.Module):
     "Linear attention: softmax(Q) over features, softmax(K) over positions, out = softmax(Q) (softmax(K)^T V); O(N d^2)."
-
-    chunk_bytes = 2**23  # on CPU, images per chunk such that each [heads*d, H, W] intermediate stays under 8 MB
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
         super().__init__()
@@ -194,27 +172,13 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        per_image = x.element_size() * self.heads * self.dim_head * x.shape[-2] * x.shape[-1]
-        chunk = max(1, self.chunk_bytes // per_image)
-        if x.device.type != "cpu" or chunk >= x.shape[0]:
-            return self._attend(x)
-        return torch.cat([self._attend(part) for part in x.split(chunk)])  # images are independent
-
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        heads, d, n = self.heads, self.dim_head, h * w
-        w_q, w_k, w_v = self.to_qkv.weight.chunk(3)  # each [heads*d, C, 1, 1]
-        q = F.conv2d(x, w_q).view(b, heads, d, n).softmax(dim=-2)
-        k = F.conv2d(x, w_k).view(b, heads * d, n).softmax(dim=-1)
-        # context_h = k_h v_h^T with v_h = W_v,h x, computed as (k_h x^T) W_v,h^T: v [B, heads*d, N] is never formed
-        kx = k @ x.reshape(b, c, n).transpose(1, 2)  # [B, heads*d, C]
-        context = kx.view(b, heads, d, c) @ w_v.view(heads, d, c).transpose(-1, -2)  # [B, heads, d, d]
-        # W_out (context^T q) * scale + bias = (W_out context^T * scale) q + bias: the 1x1 output conv and the scale
-        # go into a small [C, heads*d] matrix per image, so the [B, heads*d, N] product is never formed either
-        w_out = self.to_out[0].weight.view(c, heads, d).transpose(0, 1) * self.scale  # [heads, C, d]
-        m = (w_out @ context.transpose(-1, -2)).transpose(1, 2).reshape(b, c, heads * d)
-        out = torch.baddbmm(self.to_out[0].bias[:, None], m, q.view(b, heads * d, n))  # [B, C, N]
-        return self.to_out[1](out.view(b, c, h, w))
+        b, _, h, w = x.shape
+        q, k, v = self.to_qkv(x).view(b, 3, self.heads, self.dim_head, h * w).unbind(1)  # each [B, heads, d, N]
+        q = q.softmax(dim=-2) * self.scale  # over the d features of each position
+        k = k.softmax(dim=-1)  # over the N positions of each feature
+        context = k @ v.transpose(-1, -2)  # [B, heads, d, d]: sum over positions n of k[:, n] v[:, n]^T
+        out = context.transpose(-1, -2) @ q  # [B, heads, d, N]: context^T q[:, n] at each position n
+        return self.to_out(out.reshape(b, -1, h, w))
 
 # %% ../nbs/07_blocks.ipynb #e2e885b0
 def attention_block(kind: str, dim: int, heads: int = 4, dim_head: int = 32, groups: int = 1) -> nn.Module | None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .data import image_grid, load_dataset
 from .ddpm import DDPM, ToyMLP
+from .fast import make_fast
 from .losses import LOSS_KINDS
 from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
 from .unet import UNET_PRESETS, UNet, unet_preset
@@ -331,7 +332,7 @@ def build_net(net_config: dict) -> nn.Module:
 def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> DDPM:
     "The DDPM saved in a checkpoint, with the EMA weights (or the raw ones with ema=False), in eval mode."
     ck = load_checkpoint(path)
-    net = build_net(ck.config["net"])
+    net = make_fast(build_net(ck.config["net"]))  # the fast forms of chapter 08b: same parameters, same function
     which = "ema" if ema and ck.tensors["ema"] else "model"
     if not ck.tensors[which]:
         raise CheckpointError(f"{str(ck.path)!r} holds no network weights (no 'model.' or 'ema.' tensors)")
@@ -347,7 +348,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
 
 def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> DDPM:
     "A fresh DDPM for `cfg`: the U-Net preset with its overrides (channels from the data) and the beta schedule."
-    net = unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides})
+    net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
     schedule = NoiseSchedule(make_beta_schedule(cfg.schedule, cfg.timesteps))
     return DDPM(net, schedule, cfg.loss, sample_shape)
 

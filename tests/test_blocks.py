@@ -35,13 +35,13 @@ def test_residual_and_prenorm():
     torch.testing.assert_close(pn(x), lin(F.group_norm(x, 2, pn.norm.weight, pn.norm.bias)))
 
 
-def test_space_to_depth_matches_einops_and_seed():
+def test_space_to_depth_matches_einops_and_reshape():
     x = torch.randn(2, 3, 8, 6)
     ref = rearrange(x, "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2)  # lucidrains' Downsample
     assert torch.equal(space_to_depth(x), ref)
     b, c, h, w = x.shape
-    seed_version = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(-1, 4 * c, h // 2, w // 2)
-    assert torch.equal(space_to_depth(x), seed_version)
+    explicit = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(-1, 4 * c, h // 2, w // 2)
+    assert torch.equal(space_to_depth(x), explicit)
     with pytest.raises(ValueError, match="divisible"):
         space_to_depth(torch.zeros(1, 1, 6, 5))
 
@@ -99,10 +99,15 @@ def test_block_scale_shift_and_errors():
     blk = Block(4, 8, groups=4)
     x = torch.randn(3, 4, 5, 5)
     scale, shift = torch.randn(3, 8, 1, 1), torch.randn(3, 8, 1, 1)
-    h = blk.norm(blk.proj(x))
-    torch.testing.assert_close(blk(x, (scale, shift)), F.silu(h * (1 + scale) + shift))
-    torch.testing.assert_close(blk(x, (None, shift)), F.silu(h + shift))
-    torch.testing.assert_close(blk(x), F.silu(h))
+    with torch.no_grad():
+        blk.norm.weight.uniform_(0.5, 1.5)
+        blk.norm.bias.uniform_(-0.5, 0.5)
+    h = blk.proj(x).view(3, 4, -1)  # GroupNorm written out: 4 groups of 2 channels, biased variance, eps 1e-5
+    h = ((h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()).view(3, 8, 5, 5)
+    h = h * blk.norm.weight[:, None, None] + blk.norm.bias[:, None, None]
+    torch.testing.assert_close(blk(x, (scale, shift)), F.silu(h * (1 + scale) + shift), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(blk(x, (None, shift)), F.silu(h + shift), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(blk(x), F.silu(h), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="divisible by groups"):
         Block(4, 6, groups=4)
     assert isinstance(Block(4, 8, weight_standardize=True).proj, WeightStandardizedConv2d)
@@ -151,8 +156,8 @@ def test_attention_equals_einsum_reference(heads, dim_head, hw):
     x = torch.randn(2, 12, *hw) * 3  # large inputs: a wrong scale changes the result a lot
     out = attn(x)
     torch.testing.assert_close(out, _einsum_attention(attn, x), atol=1e-5, rtol=1e-4)
-    # seed 000's slip, scale = dim_head * -0.5 instead of dim_head ** -0.5, gives something else
-    b, c, h, w = x.shape
+    # the slip scale = dim_head * -0.5 instead of dim_head ** -0.5 gives something else
+    b, _, h, w = x.shape
     q, k, v = attn.to_qkv(x).reshape(b, 3, heads, dim_head, h * w).unbind(1)
     wrong = (torch.einsum("bhdi,bhdj->bhij", q, k) * (dim_head * -0.5)).softmax(-1)
     wrong = attn.to_out(torch.einsum("bhij,bhdj->bhdi", wrong, v).reshape(b, -1, h, w))
