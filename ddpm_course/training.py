@@ -380,22 +380,27 @@ class _LineProgress:
 
     def __init__(self, total: int, initial: int, desc: str):
         self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
-        self.start_n, self.t0 = initial, time.perf_counter()
+        self.start_n, self.shown_n, self.t0 = initial, initial, time.perf_counter()
         self.last = self.t0
+
+    def _line(self, now: float) -> None:
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        print(f"{self.desc}: step {self.n}/{self.total}{self.postfix}, {rate:.1f} steps/s", file=sys.stderr, flush=True)
+        self.last, self.shown_n = now, self.n
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if now - self.last >= PROGRESS_EVERY_S or self.n == self.total:
-            rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
-            print(f"{self.desc}: step {self.n}/{self.total}{self.postfix}, {rate:.1f} steps/s", file=sys.stderr, flush=True)
-            self.last = now
+        if now - self.last >= PROGRESS_EVERY_S and self.n < self.total:
+            self._line(now)
 
     def set_postfix(self, refresh: bool = False, **values) -> None:
         self.postfix = "".join(f", {k} {v}" for k, v in values.items())
 
     def close(self) -> None:
-        pass
+        "The last line, after the step's loss has been logged."
+        if self.n != self.shown_n:
+            self._line(time.perf_counter())
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):

@@ -340,4 +340,5 @@ def test_progress_without_a_terminal_is_short_lines(tmp_path, capsys, monkeypatc
     assert "\r" not in err and "|" not in err
     lines = err.strip().splitlines()
     assert [line.split(",")[0] for line in lines] == [f"training: step {k}/6" for k in want_steps]
-    assert ", loss " in lines[-1] and lines[-1].endswith("steps/s")
+    last_logged = float(log_rows(tmp_path)[-1]["loss"])
+    assert f", loss {last_logged:.4f}," in lines[-1] and lines[-1].endswith("steps/s")  # the final line has the final loss
