@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .embeddings import TimeMLP
 from .forward import extract
 from .losses import LOSS_KINDS, loss_simple
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, linear_beta_schedule
 
 # %% auto #0
-__all__ = ['VARIANCES', 'p_mean_variance_from_eps', 'ddpm_step', 'eval_mode', 'DDPM', 'ToyMLP']
+__all__ = ['VARIANCES', 'p_mean_variance_from_eps', 'ddpm_step', 'eval_mode', 'DDPM', 'GaussianEps', 'gaussian_reverse_moments',
+           'ToyMLP', 'train_toy', 'sliced_wasserstein']
 
 # %% ../nbs/09_ddpm.ipynb #d1c81752
 VARIANCES = ("fixed_small", "fixed_large")
@@ -67,9 +70,10 @@ def ddpm_step(
     eps: Tensor,  # predicted noise in `xt`
     t: int,  # the 0-based timestep of `xt`
     xt: Tensor,  # the batch at step t
-    noise: Tensor | None = None,  # the standard normal draw z; None: fresh from torch's generator
+    noise: Tensor | None = None,  # the standard normal draw z; None: drawn from `generator`
     variance: str = "fixed_small",  # "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t)
     clip_x0: bool = True,  # clip the predicted x_0 to [-1, 1]
+    generator: torch.Generator | None = None,  # draws z when `noise` is None; None: torch's global generator
 ) -> Tensor:
     "One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); at t = 0 the mean, with no noise."
     if isinstance(t, Tensor) and t.ndim > 0:
@@ -77,8 +81,8 @@ def ddpm_step(
     mean, var, _ = p_mean_variance_from_eps(s, eps, t, xt, clip_x0, variance)
     if int(t) == 0:
         return mean
-    if noise is None:
-        noise = torch.randn_like(xt)
+    if noise is None:  # drawn in the batch's shape, not like `xt`: one seed, one result, whatever xt's memory layout
+        noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
     elif noise.shape != xt.shape:
         raise ValueError(f"noise must have the shape of xt {list(xt.shape)}, got {list(noise.shape)}")
     return mean + var.sqrt() * noise
@@ -191,6 +195,48 @@ class DDPM(nn.Module):
                     states.append(xt.cpu())
         return (xt, torch.stack(states)) if states is not None else xt
 
+# %% ../nbs/09_ddpm.ipynb #92799ce9
+class GaussianEps(nn.Module):
+    "The exact noise predictor E[eps | x_t] when the data is N(mu, sd^2 I); with sd = 0 every datum is the point mu."
+
+    def __init__(self, schedule: NoiseSchedule, mu: Tensor, sd: float):
+        super().__init__()
+        if not sd >= 0:
+            raise ValueError(f"sd must be >= 0, got {sd}")
+        self.schedule, self.sd = schedule, float(sd)
+        self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float32))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        ab = extract(self.schedule.alphas_cumprod, t, x.shape)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.sd**2 + 1 - ab)
+
+# %% ../nbs/09_ddpm.ipynb #949f7757
+def gaussian_reverse_moments(
+    s: NoiseSchedule,  # the noise schedule
+    mu: Tensor,  # the data's mean, one value per coordinate
+    sd: float,  # the data's standard deviation (the same for every coordinate); 0: a single point
+    variance: str = "fixed_small",  # the reverse variance: "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t)
+) -> tuple[Tensor, Tensor]:
+    "Exact means [T+1, *mu.shape] and variances [T+1] of x_T, ..., x_0 in ancestral sampling with the perfect denoiser of N(mu, sd^2 I)."
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    betas = s.betas.detach().double().cpu()
+    alphas = 1 - betas
+    ab = alphas.cumprod(0)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    mu = torch.as_tensor(mu, dtype=torch.float64)
+    m, v = torch.zeros_like(mu), torch.tensor(1.0, dtype=torch.float64)  # x_T ~ N(0, I)
+    means, variances = [m], [v]
+    for t in range(s.num_timesteps - 1, -1, -1):
+        c1, c2 = ab_prev[t].sqrt() * betas[t] / (1 - ab[t]), alphas[t].sqrt() * (1 - ab_prev[t]) / (1 - ab[t])
+        denom = ab[t] * sd**2 + 1 - ab[t]
+        a, b = c2 + c1 * sd**2 * ab[t].sqrt() / denom, c1 * mu * (1 - ab[t]) / denom
+        sigma2 = 0.0 if t == 0 else ((1 - ab_prev[t]) / (1 - ab[t]) * betas[t] if variance == "fixed_small" else betas[t])
+        m, v = a * m + b, a**2 * v + sigma2
+        means.append(m)
+        variances.append(v)
+    return torch.stack(means), torch.stack(variances)
+
 # %% ../nbs/09_ddpm.ipynb #36700432
 class ToyMLP(nn.Module):
     "A small residual MLP eps_theta(x, t) for low-dimensional toy data, told the timestep through a `TimeMLP`."
@@ -210,3 +256,47 @@ class ToyMLP(nn.Module):
         for proj, block in zip(self.t_proj, self.blocks):
             h = h + block(h + proj(emb))
         return self.out(h)
+
+# %% ../nbs/09_ddpm.ipynb #1bdebf30
+def train_toy(
+    data: Tensor,  # the training points [n, d]
+    steps: int,  # optimiser steps
+    schedule: NoiseSchedule | None = None,  # None: linear betas 1e-4 to 0.02, T = 1000
+    loss_fn: Callable[[DDPM, Tensor], Tensor] | None = None,  # (ddpm, batch of x_0) -> loss; None: `DDPM.loss`
+    seed: int = 0,  # seeds torch's global generator (the weights, the batches, t and the noise)
+    batch_size: int = 256,
+    lr: float = 3e-3,  # peak learning rate of the one-cycle schedule
+) -> tuple[DDPM, list[float]]:
+    "Train a fresh `ToyMLP` on `data` with AdamW and a one-cycle learning rate; return the DDPM and every step's loss."
+    if data.ndim != 2:
+        raise ValueError(f"data must be points [n, d], got shape {list(data.shape)}")
+    torch.manual_seed(seed)
+    schedule = schedule if schedule is not None else NoiseSchedule(linear_beta_schedule(1000))
+    ddpm = DDPM(ToyMLP(dim=data.shape[1]), schedule, sample_shape=(data.shape[1],))
+    loss_fn = loss_fn or (lambda ddpm, x0: ddpm.loss(x0))
+    opt = torch.optim.AdamW(ddpm.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(ddpm, data[torch.randint(len(data), (batch_size,))])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return ddpm, losses
+
+# %% ../nbs/09_ddpm.ipynb #6c437ab2
+def sliced_wasserstein(
+    a: Tensor,  # a point cloud [n, d]
+    b: Tensor,  # another, of the same size
+    n_proj: int = 500,  # number of random directions
+    seed: int = 0,  # seed of the directions
+) -> float:
+    "Sliced 2-Wasserstein distance between two equal-sized point clouds [n, d]."
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must be point clouds [n, d] of the same shape, got {list(a.shape)} and {list(b.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    dirs = F.normalize(torch.randn(a.shape[1], n_proj, generator=g), dim=0).to(a)
+    pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
+    return ((pa - pb) ** 2).mean().sqrt().item()

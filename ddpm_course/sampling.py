@@ -38,18 +38,21 @@ def ddim_step(
     s: NoiseSchedule,  # the noise schedule the model was trained with
     eps: Tensor,  # predicted noise in `xt`
     t: int,  # the 0-based timestep of `xt`
-    t_prev: int,  # the timestep to jump to, -1 <= t_prev < t; -1 means alpha-bar = 1 (clean data)
+    t_prev: int,  # the timestep to jump to, -1 <= t_prev < t; -1 is the final step (see `set_alpha_to_one`)
     xt: Tensor,  # the batch at step t
     eta: float = 0.0,  # 0: deterministic DDIM; 1: the DDPM posterior's variance (for adjacent steps)
-    noise: Tensor | None = None,  # the standard normal draw used when eta > 0; None: fresh from torch's generator
+    noise: Tensor | None = None,  # the standard normal draw used when eta > 0; None: drawn from `generator`
     clip_x0: bool = True,  # clip the predicted x_0 to [-1, 1] (and re-derive eps from the clipped x_0)
+    *,
+    set_alpha_to_one: bool = True,  # the final step (t_prev = -1) goes to alpha-bar = 1; False: to alpha-bar_0 (diffusers' option)
+    generator: torch.Generator | None = None,  # draws the noise when it is needed and not given; None: torch's global generator
 ) -> Tensor:
     "One DDIM step x_t -> x_{t_prev}: sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps + sigma z."
     t, t_prev = _int("t", t), _int("t_prev", t_prev)
     if not 0 <= t < s.num_timesteps:
         raise ValueError(f"t must lie in 0..{s.num_timesteps - 1}, got {t}")
     if not -1 <= t_prev < t:
-        raise ValueError(f"t_prev must lie in -1..t-1 = -1..{t - 1}, got {t_prev}")
+        raise ValueError(f"t_prev must lie in -1..t-1 = -1..{t - 1} (-1: the final step), got {t_prev}")
     if eps.shape != xt.shape:
         raise ValueError(f"eps must have the shape of xt {list(xt.shape)}, got {list(eps.shape)}")
     if not eta >= 0:
@@ -59,13 +62,16 @@ def ddim_step(
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
         eps = s.predict_eps(xt, tb, x0)
-    ab_t = float(s.alphas_cumprod[t])
-    ab_prev = float(s.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
-    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
-    x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+    # sqrt(ab) and sqrt(1 - ab) from the schedule's buffers (computed in float64): 1 - ab in float32 loses digits near ab = 1
+    to_prev = t_prev if t_prev >= 0 or not set_alpha_to_one else None
+    sa_t, sb_t = float(s.sqrt_alphas_cumprod[t]), float(s.sqrt_one_minus_alphas_cumprod[t])
+    sa_prev, sb_prev = (1.0, 0.0) if to_prev is None else (float(s.sqrt_alphas_cumprod[max(to_prev, 0)]),
+                                                           float(s.sqrt_one_minus_alphas_cumprod[max(to_prev, 0)]))
+    sigma = eta * sb_prev / sb_t * math.sqrt(max(1 - (sa_t / sa_prev) ** 2, 0.0))
+    x = sa_prev * x0 + math.sqrt(max(sb_prev**2 - sigma**2, 0.0)) * eps
     if sigma > 0:
-        if noise is None:
-            noise = torch.randn_like(xt)
+        if noise is None:  # the batch's shape, not randn_like: one seed, one result, whatever xt's memory layout
+            noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
         elif noise.shape != xt.shape:
             raise ValueError(f"noise must have the shape of xt {list(xt.shape)}, got {list(noise.shape)}")
         x = x + sigma * noise
@@ -127,16 +133,16 @@ def sample_ddpm(
 # %% ../nbs/11_sampling.ipynb #56153f51
 @torch.no_grad()
 def _ddim_loop(ddpm: DDPM, x: Tensor, ts: list[int], eta: float, clip_x0: bool, generator: torch.Generator | None,
-               progress: bool, keep: bool) -> tuple[Tensor, list[Tensor] | None]:
-    "Run DDIM from `x` at ts[0] through ts[1:] and on to x_0 (t_prev = -1)."
+               progress: bool, keep: bool, set_alpha_to_one: bool = True) -> tuple[Tensor, list[Tensor] | None]:
+    "Run DDIM from `x` at ts[0] through ts[1:] and on to the final step (t_prev = -1)."
     states = [x.cpu()] if keep else None
     with eval_mode(ddpm):
         for t, t_prev in tqdm(list(zip(ts, ts[1:] + [-1])), desc="DDIM sampling", disable=not progress, leave=False):
             eps = ddpm.predict_noise(x, t)
             noise = None
-            if eta > 0 and t_prev >= 0:
+            if eta > 0 and (t_prev >= 0 or not set_alpha_to_one):  # a draw for each step that can add noise
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = ddim_step(ddpm.schedule, eps, t, t_prev, x, eta, noise, clip_x0)
+            x = ddim_step(ddpm.schedule, eps, t, t_prev, x, eta, noise, clip_x0, set_alpha_to_one=set_alpha_to_one)
             if keep:
                 states.append(x.cpu())
     return x, states
@@ -155,6 +161,7 @@ def sample_ddim(
     return_intermediates: bool = False,  # also return the steps+1 states, stacked [steps+1, N, ...] on the CPU
     clip_x0: bool = True,  # clip each predicted x_0 to [-1, 1]
     xt: Tensor | None = None,  # start from these latents x_T instead of fresh noise
+    set_alpha_to_one: bool = True,  # end at alpha-bar = 1 (x0_hat); False: at alpha-bar_0, as diffusers' set_alpha_to_one=False
 ) -> Tensor | tuple[Tensor, Tensor]:
     "DDIM sampling (Song et al. 2021) with any number of steps and any eta, in batches."
     ts = ddim_timesteps(ddpm.num_timesteps, steps, spacing)
@@ -165,7 +172,8 @@ def sample_ddim(
         raise ValueError("give either n_or_shape (start from noise) or xt (start from given latents), not both")
     outs = []
     for sl in _chunks(xt.shape[0], batch_size):
-        x, states = _ddim_loop(ddpm, xt[sl].to(ddpm.device), ts, eta, clip_x0, g, progress, return_intermediates)
+        x, states = _ddim_loop(ddpm, xt[sl].to(ddpm.device), ts, eta, clip_x0, g, progress, return_intermediates,
+                               set_alpha_to_one)
         outs.append((x, torch.stack(states)) if return_intermediates else x)
     return _finish(outs, return_intermediates)
 

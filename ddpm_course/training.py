@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,10 +33,11 @@ from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
 from .unet import UNET_PRESETS, UNet, unet_preset
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'FORMAT', 'FORMAT_VERSION', 'NETS', 'PRETRAINED_PREFIX', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'TrainConfig',
-           'lr_at', 'ema_decay_at', 'ema_update', 'StepBatchSampler', 'CheckpointError', 'atomic_write', 'Checkpoint',
-           'save_checkpoint', 'pretrained_dir', 'resolve_checkpoint', 'load_checkpoint', 'build_net', 'load_model',
-           'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log', 'train']
+__all__ = ['AMP_MODES', 'FORMAT', 'FORMAT_VERSION', 'NETS', 'PRETRAINED_PREFIX', 'RESUMABLE_FIELDS', 'LOG_FIELDS',
+           'PROGRESS_EVERY_S', 'TrainConfig', 'lr_at', 'ema_decay_at', 'ema_update', 'StepBatchSampler',
+           'CheckpointError', 'atomic_write', 'Checkpoint', 'save_checkpoint', 'pretrained_dir', 'resolve_checkpoint',
+           'load_checkpoint', 'build_net', 'load_model', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log',
+           'train']
 
 # %% ../nbs/10_training.ipynb #fdf6773c
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -371,6 +373,44 @@ RESUMABLE_FIELDS = ("steps", "log_every", "sample_every", "checkpoint_every", "n
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "img_per_s")
 
 
+PROGRESS_EVERY_S = 10.0  # without a terminal, a line of progress at most this often (seconds)
+
+
+class _LineProgress:
+    "Progress for logs and notebooks (stderr is not a terminal): a short line at most every PROGRESS_EVERY_S seconds."
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
+        self.start_n, self.shown_n, self.t0 = initial, initial, time.perf_counter()
+        self.last = self.t0
+
+    def _line(self, now: float) -> None:
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        print(f"{self.desc}: step {self.n}/{self.total}{self.postfix}, {rate:.1f} steps/s", file=sys.stderr, flush=True)
+        self.last, self.shown_n = now, self.n
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S and self.n < self.total:
+            self._line(now)
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        "The last line, after the step's loss has been logged."
+        if self.n != self.shown_n:
+            self._line(time.perf_counter())
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    "A tqdm bar on a terminal; elsewhere (a log file, a notebook) short lines; nothing when not `enabled`."
+    if enabled and not sys.stderr.isatty():
+        return _LineProgress(total, initial, desc)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+
+
 def _device_and_amp(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
     "The device to train on and the autocast dtype (None: full float32)."
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -438,7 +478,7 @@ def _write_samples(ema_ddpm: DDPM, cfg: TrainConfig, out: Path, step: int, sampl
 def train(
     cfg: TrainConfig,  # the run's settings
     out_dir: str | Path,  # run folder: checkpoint, config.json, log.csv, loss.png, samples.png; a rerun resumes from it
-    progress: bool = True,  # tqdm bar with the loss, and a line when resuming
+    progress: bool = True,  # a tqdm bar with the loss (short lines when stderr is not a terminal), and a line when resuming
     sampler: Callable[[DDPM, int, int], Tensor] | None = None,  # (ddpm, n, seed) -> images for the grids; None: ddpm.sample
 ) -> TrainResult:
     "Train a DDPM on `cfg.dataset`: AdamW with warm-up, gradient clipping, EMA, AMP on CUDA, logs, grids and checkpoints."
@@ -482,7 +522,7 @@ def train(
     loader = DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), cfg.batch_size, cfg.seed, start),
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    bar = _progress(cfg.steps, start, "training", progress)
     total, count, last_loss, t0 = 0.0, 0, None, time.perf_counter()
     ddpm.train()
     try:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_course.ddpm import DDPM, ToyMLP, ddpm_step, p_mean_variance_from_eps
+from ddpm_course.ddpm import (DDPM, GaussianEps, ToyMLP, ddpm_step, gaussian_reverse_moments, p_mean_variance_from_eps,
+                              sliced_wasserstein, train_toy)
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
 
 
@@ -32,18 +33,6 @@ class OracleEps(nn.Module):
 
     def forward(self, x, t):
         return self.s.predict_eps(x, t, self.x_star.expand_as(x))
-
-
-class GaussianEps(nn.Module):
-    "The exact E[eps | x_t] when the data is N(mu, sigma^2 I): sqrt(1-ab) (x_t - sqrt(ab) mu) / (ab sigma^2 + 1 - ab)."
-
-    def __init__(self, schedule, mu, sigma):
-        super().__init__()
-        self.s, self.mu, self.sigma = schedule, mu, sigma
-
-    def forward(self, x, t):
-        ab = self.s.alphas_cumprod[t].reshape(-1, *[1] * (x.ndim - 1))
-        return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.sigma**2 + 1 - ab)
 
 
 def schedule(T=1000, kind="linear"):
@@ -117,17 +106,50 @@ def test_p_sample_matches_ddpm_step_element_by_element():
         torch.testing.assert_close(got[i:i + 1], want)
 
 
-def test_sampling_with_the_exact_denoiser_recovers_a_gaussian():
-    "End to end: with the true E[eps | x_t] for N(mu, sigma^2), ancestral sampling must return N(mu, sigma^2)."
-    s, mu, sigma, n = schedule(), torch.tensor([0.5, -1.0]), 0.3, 20000
-    ddpm = DDPM(GaussianEps(s, mu, sigma), s, sample_shape=(2,))
-    small = ddpm.sample(n, seed=0, clip_x0=False, variance="fixed_small")
-    large = ddpm.sample(n, seed=0, clip_x0=False, variance="fixed_large")
-    for x in (small, large):
-        assert (x.mean(0) - mu).abs().max() < 5 * sigma / math.sqrt(n)
-        assert (x.std(0) / sigma - 1).abs().max() < 0.03
-    # Ho et al.: beta-tilde_t and beta_t are the two extremes of the reverse variance; they bracket the truth
-    assert (small.std(0) < large.std(0)).all()
+def test_gaussian_eps_is_the_regression_of_the_noise_on_x_t():
+    "Monte Carlo: the least-squares line of eps on x_t at one t is E[eps | x_t] (a Gaussian's is linear)."
+    s, mu, sd = schedule(), torch.tensor([0.5, -1.0]), 0.3
+    g = torch.Generator().manual_seed(0)
+    x0, eps = mu + sd * torch.randn(400_000, 2, generator=g), torch.randn(400_000, 2, generator=g)
+    t = torch.full((400_000,), 250)
+    xt = s.q_sample(x0, t, eps)
+    A = torch.stack([xt, torch.ones_like(xt)], -1)  # per coordinate: eps ~ slope * x_t + intercept
+    fit = torch.linalg.lstsq(A.transpose(0, 1).double(), eps.T.double()[..., None]).solution[..., 0]
+    oracle = GaussianEps(s, mu, sd)
+    at0, at1 = oracle(torch.zeros(1, 2), t[:1])[0], oracle(torch.ones(1, 2), t[:1])[0]
+    torch.testing.assert_close(fit[:, 0].float(), at1 - at0, rtol=0.01, atol=0)
+    torch.testing.assert_close(fit[:, 1].float(), at0, rtol=0, atol=0.01)
+
+
+def test_gaussian_reverse_moments_at_the_two_extremes_of_ho_et_al():
+    "beta-tilde is exact for one data point, beta for unit-variance data: then every state has q's marginal."
+    s, mu = schedule(), torch.tensor([0.5, -1.0])
+    ab = s.alphas_cumprod.double().flip(0)  # alpha-bar at the input of reverse step k = 0..T-1
+    start = (ab[0].sqrt() * mu.abs().max()).item()  # x_T ~ N(0, I) misses q(x_{T-1})'s mean by this much, no more
+    m, v = gaussian_reverse_moments(s, mu, 0.0, "fixed_small")
+    torch.testing.assert_close(m[:-1], ab.sqrt()[:, None] * mu.double(), rtol=0, atol=start)
+    torch.testing.assert_close(v[:-1], 1 - ab, rtol=0, atol=1e-4)
+    assert v[-1] < 1e-8 and (m[-1] - mu).abs().max() < 1e-4
+    m, v = gaussian_reverse_moments(s, mu, 1.0, "fixed_large")
+    torch.testing.assert_close(m[:-1], ab.sqrt()[:, None] * mu.double(), rtol=0, atol=start)
+    torch.testing.assert_close(v[:-1], torch.ones_like(v[:-1]), rtol=0, atol=1e-8)
+    # in between, fixed small undershoots and fixed large overshoots
+    small, large = (gaussian_reverse_moments(s, mu, 0.3, k)[1][-1].sqrt() / 0.3 for k in ("fixed_small", "fixed_large"))
+    assert 0.98 < small < 0.995 and 1.0 < large < 1.01
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_sampled_chain_matches_the_exact_moments_at_every_step(variance):
+    "Ancestral sampling with the perfect denoiser of N(mu, sd^2): mean and variance of every state within 5 standard errors."
+    s, mu, sd, n = schedule(), torch.tensor([0.5, -1.0]), 0.1, 10_000
+    ddpm = DDPM(GaussianEps(s, mu, sd), s, sample_shape=(2,))
+    _, states = ddpm.sample(n, seed=0, clip_x0=False, variance=variance, return_intermediates=True)
+    m, v = gaussian_reverse_moments(s, mu, sd, variance)
+    z_mean = (states.double().mean(1) - m) / (v[:, None] / n).sqrt()
+    z_var = (states.double().var(1) - v[:, None]) / (v[:, None] * (2 / (n - 1)) ** 0.5)
+    assert z_mean.abs().max() < 5 and z_var.abs().max() < 5
+    other = gaussian_reverse_moments(s, mu, sd, "fixed_large" if variance == "fixed_small" else "fixed_small")[1]
+    assert ((states.double().var(1) - other[:, None]) / (other[:, None] * (2 / (n - 1)) ** 0.5)).abs().max() > 5
 
 
 def test_sample_is_seeded_batched_and_can_return_the_trajectory():
@@ -170,6 +192,33 @@ def test_toy_mlp_learns_a_point_mass_quickly():
     assert (x.mean(0) - data[0]).abs().max() < 0.1
 
 
+def test_sliced_wasserstein_of_a_shift_and_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 2, generator=g)
+    c = torch.tensor([0.3, -0.4])
+    assert abs(sliced_wasserstein(a, a + c) - c.norm().item() / math.sqrt(2)) < 0.02 * c.norm().item()
+    assert sliced_wasserstein(a, a[torch.randperm(2000, generator=g)]) < 1e-6
+    b = torch.randn(2000, 3, generator=g)
+    assert abs(sliced_wasserstein(b, 2 * b, n_proj=2000) - b.pow(2).sum(1).mean().sqrt().item() / math.sqrt(3)) < 0.05
+    with pytest.raises(ValueError, match="same shape"):
+        sliced_wasserstein(a, a[:10])
+
+
+def test_train_toy_learns_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    data = torch.tensor([0.5, -0.5]) + 0.1 * torch.randn(2000, 2, generator=g)
+    s = schedule(T=100)
+    ddpm, losses = train_toy(data, 150, s, batch_size=128)
+    assert len(losses) == 150 and sum(losses[-20:]) < 0.5 * sum(losses[:20])
+    _, again = train_toy(data, 150, s, batch_size=128)
+    assert again == losses
+    calls = []
+    train_toy(data, 3, s, loss_fn=lambda d, x0: calls.append(x0.shape) or d.loss(x0))
+    assert calls == [(256, 2)] * 3
+    with pytest.raises(ValueError, match="points"):
+        train_toy(data[None], 3, s)
+
+
 def test_bad_arguments_fail_clearly():
     s = schedule(T=10)
     with pytest.raises(ValueError, match="loss_kind"):
@@ -185,3 +234,7 @@ def test_bad_arguments_fail_clearly():
         ddpm.p_mean_variance(torch.zeros(2, 3), 3, variance="learned")
     with pytest.raises(ValueError, match="not both"):
         ddpm.sample((2, 3), xt=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="sd"):
+        GaussianEps(s, torch.zeros(2), -1.0)
+    with pytest.raises(ValueError, match="variance"):
+        gaussian_reverse_moments(s, torch.zeros(2), 0.3, "learned")

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 import ddpm_course.ddpm
-from ddpm_course.ddpm import DDPM
+from ddpm_course.ddpm import DDPM, GaussianEps, gaussian_reverse_moments
 from ddpm_course.sampling import (ddim_step, ddim_timesteps, ddpm_step, interpolate_diffusion, sample_ddim,
                                   sample_ddpm, slerp)
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
@@ -106,6 +106,26 @@ def test_ddim_step_matches_diffusers(name, eta, clip, steps, t):
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps,t", [(10, 0), (50, 0), (10, 99), (1000, 0)])
+def test_ddim_final_step_to_alpha_bar_0_matches_diffusers(name, eta, clip, steps, t):
+    "diffusers' set_alpha_to_one=False: the step below the last timestep goes to alpha-bar_0, also from t = 0."
+    ref = float64_reference(DDIMScheduler(num_train_timesteps=T, trained_betas=SCHEDULES[name].numpy(),
+                                          clip_sample=clip, set_alpha_to_one=False, prediction_type="epsilon"), name)
+    ref.final_alpha_cumprod = ref.alphas_cumprod[0]  # in float64 too (in float32, 1 - ab_t / ab_prev < 0 gives NaN)
+    ref.set_timesteps(steps)
+    assert t - T // steps < 0  # diffusers takes its final alpha-bar here
+    xt, eps, noise = batch(1, scale=1.5), batch(2), batch(3)
+    want = ref.step(eps.double(), t, xt.double(), eta=eta, use_clipped_model_output=True,
+                    variance_noise=noise.double()).prev_sample
+    got = ddim_step(schedule(name), eps, t, -1, xt, eta=eta, noise=noise, clip_x0=clip, set_alpha_to_one=False)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+    if t == 0:  # from the level alpha-bar_0 to the same level: x is returned as it came
+        torch.testing.assert_close(got, xt, rtol=1e-4, atol=1e-5)
+
+
 def test_ddim_final_step_returns_the_predicted_x0():
     s, xt, eps = schedule(), batch(1), batch(2)
     t = torch.full((4,), 20)
@@ -136,6 +156,59 @@ def test_sample_ddim_loop_matches_diffusers(spacing, steps):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_ddim_ending_at_alpha_bar_0_matches_diffusers(spacing, eta):
+    "The whole loop with set_alpha_to_one=False, step by step the same random draws as diffusers."
+    ddpm = fake_ddpm()
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, clip_sample=True, set_alpha_to_one=False)
+    ref.set_timesteps(20)
+    g = torch.Generator().manual_seed(4)
+    xT = torch.randn((3, 1, 8, 8), generator=g)
+    want = diffusers_loop(ddpm, ref, xT.clone(), dict(eta=eta, use_clipped_model_output=True, generator=g))
+    got = sample_ddim(ddpm, 3, steps=20, eta=eta, spacing=spacing, seed=4, set_alpha_to_one=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, sample_ddim(ddpm, 3, steps=20, eta=eta, spacing=spacing, seed=4))
+
+
+def diffusers_dummy_sample_deter():
+    "diffusers' scheduler tests' deterministic sample: arange laid out [C, H, W, B], then permuted to [B, C, H, W]."
+    b, c, h, w = 4, 3, 8, 8
+    return (torch.arange(b * c * h * w).reshape(c, h, w, b) / (b * c * h * w)).permute(3, 0, 1, 2)
+
+
+def test_ddpm_full_loop_of_diffusers_tests_replays_through_ddpm_step():
+    "diffusers' test_full_loop_no_noise (DDPMScheduler): torch.manual_seed(0), model(x, t) = x t / (t + 1); sum 258.9606."
+    s = schedule()
+    ref = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        variance_type="fixed_small", clip_sample=True)
+    want = diffusers_dummy_sample_deter()
+    assert not want.is_contiguous()  # the case where randn_like would lay the random stream out in another order
+    generator = torch.manual_seed(0)
+    for t in reversed(range(T)):
+        want = ref.step(want * t / (t + 1), t, want, generator=generator).prev_sample
+    got = diffusers_dummy_sample_deter()
+    torch.manual_seed(0)  # ddpm_step draws from torch's global generator, as the diffusers test does
+    for t in reversed(range(T)):
+        got = ddpm_step(s, got * t / (t + 1), t, got)
+    assert abs(want.abs().sum().item() - 258.9606) < 1e-2  # the number diffusers' own test asserts
+    assert abs(got.abs().sum().item() - 258.9606) < 1e-2 and abs(got.abs().mean().item() - 0.3372) < 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_noise_does_not_depend_on_the_memory_layout_of_xt():
+    s, eps = schedule(), batch(2, (2, 3, 4, 4))
+    x = batch(1, (2, 3, 4, 4))
+    x_perm = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # the same values, channels-last in memory
+    for step in (lambda xt: ddpm_step(s, eps, 500, xt), lambda xt: ddim_step(s, eps, 500, 400, xt, eta=1.0)):
+        torch.manual_seed(0)
+        a = step(x)
+        torch.manual_seed(0)
+        assert torch.equal(a, step(x_perm))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(ddpm_step(s, eps, 500, x, generator=g1), ddpm_step(s, eps, 500, x_perm, generator=g2))
+
+
 def test_sample_ddpm_loop_matches_diffusers():
     ddpm = fake_ddpm()
     ref = DDPMScheduler(num_train_timesteps=T, clip_sample=True)
@@ -147,20 +220,16 @@ def test_sample_ddpm_loop_matches_diffusers():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_ddim_with_the_exact_denoiser_recovers_a_gaussian():
-    "With the true E[eps | x_t] for N(mu, sigma^2), DDIM with all T steps (eta 0 or 1) returns N(mu, sigma^2)."
-    s, mu, sigma, n = schedule(), torch.tensor([0.5, -1.0]), 0.3, 20000
-
-    class GaussianEps(nn.Module):
-        def forward(self, x, t):
-            ab = s.alphas_cumprod[t][:, None]
-            return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * sigma**2 + 1 - ab)
-
-    ddpm = DDPM(GaussianEps(), s, sample_shape=(2,))
-    for eta in (0.0, 1.0):
-        x = sample_ddim(ddpm, n, steps=T, eta=eta, seed=0, clip_x0=False)
-        assert (x.mean(0) - mu).abs().max() < 5 * sigma / n**0.5
-        assert (x.std(0) / sigma - 1).abs().max() < 0.03
+def test_ddim_with_the_exact_denoiser_of_a_gaussian():
+    "All T steps with the true E[eps | x_t] for N(mu, sd^2): eta 1 is the fixed-small chain, whose exact end is known."
+    s, mu, sd, n = schedule(), torch.tensor([0.5, -1.0]), 0.3, 20000
+    ddpm = DDPM(GaussianEps(s, mu, sd), s, sample_shape=(2,))
+    m, v = gaussian_reverse_moments(s, mu, sd, "fixed_small")
+    x = sample_ddim(ddpm, n, steps=T, eta=1.0, seed=0, clip_x0=False)
+    assert ((x.double().mean(0) - m[-1]).abs() / (v[-1] / n).sqrt()).max() < 5
+    assert ((x.double().var(0) - v[-1]).abs() / (v[-1] * (2 / n) ** 0.5)).max() < 5
+    x = sample_ddim(ddpm, n, steps=T, eta=0.0, seed=0, clip_x0=False)  # deterministic: its own small discretisation error
+    assert (x.mean(0) - mu).abs().max() < 5 * sd / n**0.5 and (x.std(0) / sd - 1).abs().max() < 0.01
 
 
 def test_seed_makes_sampling_repeatable_and_batches_concatenate():

@@ -329,3 +329,16 @@ def test_warmup_and_ema():
     ema_update(a, b, 0.9)
     for got, w in zip(a.parameters(), want):
         torch.testing.assert_close(got, w)
+
+
+@pytest.mark.parametrize("every_s,want_steps", [(0.0, [1, 2, 3, 4, 5, 6]), (3600.0, [6])])
+def test_progress_without_a_terminal_is_short_lines(tmp_path, capsys, monkeypatch, every_s, want_steps):
+    "stderr is not a terminal here (captured): no tqdm redraws, a line at most every PROGRESS_EVERY_S and at the end."
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", every_s)
+    train(tiny_cfg(steps=6, sample_every=100, checkpoint_every=100), tmp_path)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "|" not in err
+    lines = err.strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"training: step {k}/6" for k in want_steps]
+    last_logged = float(log_rows(tmp_path)[-1]["loss"])
+    assert f", loss {last_logged:.4f}," in lines[-1] and lines[-1].endswith("steps/s")  # the final line has the final loss
