@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .embeddings import TimeMLP
 from .forward import extract
 from .losses import LOSS_KINDS, loss_simple
+from .prediction import check_prediction, min_snr_weight, prediction_from, snr, x0_eps_from
 from .schedules import NoiseSchedule, linear_beta_schedule
 
 # %% auto #0
@@ -101,19 +102,24 @@ def eval_mode(model: nn.Module):
 
 
 class DDPM(nn.Module):
-    "A denoiser that predicts the noise, joined to the `NoiseSchedule` it is trained for."
+    "A denoiser that predicts the noise (or x0, or v: chapter 04b), joined to the `NoiseSchedule` it is trained for."
 
     def __init__(
         self,
-        model: nn.Module,  # the network eps_theta(x_t, t), called as model(x, t) with t a LongTensor [B]
+        model: nn.Module,  # the network, called as model(x, t) with t a LongTensor [B]; it predicts `prediction`
         schedule: NoiseSchedule,  # the noise schedule
         loss_kind: str = "mse",  # the distance in L_simple: "mse", "l1" or "huber"
         sample_shape: tuple[int, ...] | None = None,  # shape of one sample, e.g. (1, 8, 8); lets `sample(n)` take a count
+        prediction: str = "eps",  # what the network outputs: "eps" (the noise), "x0" or "v" (see chapter 04b)
+        min_snr_gamma: float | None = None,  # weight the loss by min-SNR-gamma (Hang et al. 2023); None: L_simple's weights
     ):
         super().__init__()
         if loss_kind not in LOSS_KINDS:
             raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {loss_kind!r}")
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma!r}")
         self.model, self.schedule, self.loss_kind = model, schedule, loss_kind
+        self.prediction, self.min_snr_gamma = check_prediction(prediction), min_snr_gamma
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
 
     @property
@@ -125,17 +131,23 @@ class DDPM(nn.Module):
         return self.schedule.betas.device
 
     def predict_noise(self, xt: Tensor, t: int | Tensor) -> Tensor:
-        "The network's eps_theta(x_t, t); `t` an int or a LongTensor [B]."
-        return self.model(xt, _timestep_batch(t, xt.shape[0], self.num_timesteps, xt.device))
+        "eps_theta(x_t, t): the network's output, converted to the noise when it predicts x0 or v; `t` an int or a LongTensor [B]."
+        t = _timestep_batch(t, xt.shape[0], self.num_timesteps, xt.device)
+        out = self.model(xt, t)
+        return out if self.prediction == "eps" else x0_eps_from(self.prediction, out, xt, t, self.schedule)[1]
 
     def loss(self, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
-        "L_simple for a batch of data: t uniform on 0..T-1, x_t = q_sample(x_0, t, eps), distance(eps_theta(x_t, t), eps)."
+        "L_simple for a batch of data: t uniform on 0..T-1, x_t = q_sample(x_0, t, eps), distance(network(x_t, t), target)."
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.schedule.q_sample(x0, t, noise)
-        return loss_simple(self.model(xt, t), noise, kind=self.loss_kind)
+        target = prediction_from(self.prediction, x0, noise, t, self.schedule)  # the noise itself for "eps"
+        if self.min_snr_gamma is None:
+            return loss_simple(self.model(xt, t), target, kind=self.loss_kind)
+        per_example = loss_simple(self.model(xt, t), target, kind=self.loss_kind, reduction="none").flatten(1).mean(1)
+        return (min_snr_weight(self.prediction, snr(self.schedule, t), self.min_snr_gamma) * per_example).mean()
 
     forward = loss
 

@@ -29,6 +29,7 @@ from .data import image_grid, load_dataset
 from .ddpm import DDPM, ToyMLP
 from .fast import make_fast
 from .losses import LOSS_KINDS
+from .prediction import check_prediction
 from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
 from .unet import UNET_PRESETS, UNet, unet_preset
 
@@ -58,6 +59,8 @@ class TrainConfig:
     schedule: str = "linear"  # a beta schedule from BETA_SCHEDULES
     timesteps: int = 1000  # T
     loss: str = "mse"  # the distance in L_simple: "mse", "l1" or "huber"
+    prediction: str = "eps"  # what the network predicts: "eps", "x0" or "v" (chapter 04b)
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (chapter 04b); None: plain L_simple
     steps: int = 3000  # optimiser steps in all (a resumed run continues up to this number)
     batch_size: int = 64
     lr: float = 1e-3  # peak learning rate of AdamW
@@ -90,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {tuple(BETA_SCHEDULES)}, got {self.schedule!r}")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+        check_prediction(self.prediction)
+        if self.min_snr_gamma is not None and not (self.min_snr_gamma > 0 and math.isfinite(self.min_snr_gamma)):
+            raise ValueError(f"min_snr_gamma must be a positive number or None, got {self.min_snr_gamma!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -227,6 +233,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     config = dict(format=FORMAT, version=FORMAT_VERSION, step=int(step),
                   net={"class": type(net).__name__, "config": net.config}, loss_kind=ddpm.loss_kind,
+                  prediction=ddpm.prediction, min_snr_gamma=ddpm.min_snr_gamma,
                   sample_shape=list(ddpm.sample_shape) if ddpm.sample_shape else None,
                   train=asdict(train_config) if train_config is not None else None)
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
@@ -331,9 +338,17 @@ def build_net(net_config: dict) -> nn.Module:
         raise CheckpointError(f"cannot build {name} from the checkpoint's config: {e}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> DDPM:
+def load_model(
+    path: str | Path,  # a run folder, its .safetensors file, or pretrained:NAME
+    device: str | torch.device = "cpu",
+    ema: bool = True,  # the EMA weights (False: the raw ones)
+    prediction: str | None = None,  # the target the network must predict ("eps", "x0", "v"); None: whatever the checkpoint says
+) -> DDPM:
     "The DDPM saved in a checkpoint, with the EMA weights (or the raw ones with ema=False), in eval mode."
     ck = load_checkpoint(path)
+    saved = ck.config.get("prediction", "eps")  # checkpoints from before chapter 04b predict the noise
+    if prediction is not None and check_prediction(prediction) != saved:
+        raise CheckpointError(f"{str(ck.path)!r} holds a network trained to predict {saved!r}, not {prediction!r}")
     net = make_fast(build_net(ck.config["net"]))  # the fast forms of chapter 08b: same parameters, same function
     which = "ema" if ema and ck.tensors["ema"] else "model"
     if not ck.tensors[which]:
@@ -345,14 +360,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
     schedule = NoiseSchedule(betas)
     _load_state(schedule, ck.tensors["schedule"], "schedule buffers", ck.path)
     shape = ck.config.get("sample_shape")
-    return DDPM(net, schedule, ck.config["loss_kind"], tuple(shape) if shape else None).to(device).eval()
+    return DDPM(net, schedule, ck.config["loss_kind"], tuple(shape) if shape else None, saved,
+                ck.config.get("min_snr_gamma")).to(device).eval()
 
 
 def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> DDPM:
     "A fresh DDPM for `cfg`: the U-Net preset with its overrides (channels from the data) and the beta schedule."
     net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
     schedule = NoiseSchedule(make_beta_schedule(cfg.schedule, cfg.timesteps))
-    return DDPM(net, schedule, cfg.loss, sample_shape)
+    return DDPM(net, schedule, cfg.loss, sample_shape, cfg.prediction, cfg.min_snr_gamma)
 
 # %% ../nbs/10_training.ipynb #c20a3a3c
 class NonFiniteLossError(RuntimeError):
@@ -490,7 +506,7 @@ def train(
     torch.manual_seed(cfg.seed)
     ddpm = build_ddpm(cfg, tuple(first.shape)).to(device)
     ema = copy.deepcopy(ddpm.model).requires_grad_(False).eval()
-    ema_ddpm = DDPM(ema, ddpm.schedule, cfg.loss, ddpm.sample_shape)
+    ema_ddpm = DDPM(ema, ddpm.schedule, cfg.loss, ddpm.sample_shape, cfg.prediction, cfg.min_snr_gamma)
     params = [p for p in ddpm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

@@ -1,0 +1,106 @@
+"""Tests of ddpm_course.solvers: Karras sigmas, Euler, Heun and DPM-Solver++ (2M) against diffusers' schedulers, step by step."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from torch import nn
+
+from ddpm_course.ddpm import DDPM
+from ddpm_course.sampling import sample_ddim
+from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
+from ddpm_course.score import schedule_sigmas
+from ddpm_course.solvers import (SAMPLERS, KarrasDenoiser, dpmpp_2m_step, euler_step, karras_sigmas, network_calls,
+                                 sample_solver, sample_with, sigma_to_t, solve)
+
+T = 1000
+BETAS = {"linear": linear_beta_schedule(T), "cosine": cosine_beta_schedule(T)}
+REFERENCES = {"dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def reference(solver, name, prediction="eps"):
+    "The diffusers scheduler of `solver` on Karras sigmas, computing its alpha-bar in float64 (its own is float32)."
+    kw = dict(num_train_timesteps=T, trained_betas=BETAS[name].numpy(), use_karras_sigmas=True,
+              prediction_type=DIFFUSERS_PREDICTION[prediction])
+    if solver == "dpm++":
+        kw.update(algorithm_type="dpmsolver++", solver_order=2)
+    ref = REFERENCES[solver](**kw)
+    ref.alphas_cumprod = torch.cumprod(1 - BETAS[name], 0)
+    return ref
+
+
+class RecordingNet(nn.Module):
+    "A fixed smooth function of (x, t) standing in for a trained network, which records every input it is given."
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.3))
+        self.inputs = []
+
+    def forward(self, x, t):
+        self.inputs.append((x.detach().double().clone(), t.detach().clone()))
+        tt = t.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return self.w.detach().to(x.dtype) * torch.tanh(x) + 0.2 * torch.sin(tt / 100) + 0.1 * x
+
+
+def diffusers_run(ref, net, x_karras, sigma0):
+    "diffusers' sampling loop from the Karras-variable state x_karras; the network is given the nearest integer timestep."
+    sample = x_karras.double() if not isinstance(ref, DPMSolverMultistepScheduler) else x_karras.double() / math.sqrt(1 + sigma0**2)
+    for t in ref.timesteps:
+        inp = ref.scale_model_input(sample, t)
+        out = net(inp, t.round().long().repeat(sample.shape[0]))
+        sample = ref.step(out, t, sample).prev_sample
+    return sample
+
+
+@pytest.mark.parametrize("steps", [2, 7, 30])  # at 1 step diffusers' Euler starts from sigma_min (its one timestep is 0)
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_karras_sigmas_and_timesteps_match_diffusers(steps, name):
+    s = NoiseSchedule(BETAS[name])
+    sched = schedule_sigmas(s)
+    ours = karras_sigmas(float(sched[0]), float(sched[-1]), steps)
+    for solver in ("euler", "dpm++"):
+        ref = reference(solver, name)
+        ref.set_timesteps(steps)
+        torch.testing.assert_close(ours.float(), ref.sigmas.float(), rtol=1e-5, atol=0)
+    euler = reference("euler", name)
+    euler.set_timesteps(steps)
+    torch.testing.assert_close(sigma_to_t(ours[:-1], s).float(), euler.timesteps.float(), rtol=0, atol=2e-3)
+    if name == "linear":  # diffusers' DPM-Solver keeps fractional timesteps for the cosine schedule
+        dpm = reference("dpm++", name)
+        dpm.set_timesteps(steps)
+        assert sigma_to_t(ours[:-1], s).round().long().tolist() == dpm.timesteps.tolist()
+
+
+# diffusers' EulerDiscreteScheduler has no x0 prediction
+SOLVER_PREDICTIONS = [(sv, p) for sv in ("dpm++", "euler", "heun") for p in ("eps", "x0", "v") if (sv, p) != ("euler", "x0")]
+
+
+@pytest.mark.parametrize("solver,prediction", SOLVER_PREDICTIONS)
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [2, 10, 25])
+def test_solvers_match_diffusers_step_by_step(solver, prediction, name, steps):
+    "The state at every network call and the result equal diffusers' (clipping off, as diffusers' default)."
+    s = NoiseSchedule(BETAS[name])
+    sched = schedule_sigmas(s)
+    sigmas = karras_sigmas(float(sched[0]), float(sched[-1]), steps)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = x_T.double() * math.sqrt(1 + float(sigmas[0]) ** 2)  # the solvers keep their state in float64
+
+    ours_net, theirs_net = RecordingNet(), RecordingNet()
+    got = solve(KarrasDenoiser(DDPM(ours_net, s, prediction=prediction)), x, sigmas, solver)
+    ref = reference(solver, name, prediction)
+    ref.set_timesteps(steps)
+    ref.set_begin_index(0)  # count steps rather than look timesteps up: rounded ones repeat at low noise (cosine)
+    # diffusers rounds its sigmas to float32 (their equality with ours is tested above); at the cosine schedule's
+    # sigma_max of 10^4 that rounding alone moves a 2-step result by 1e-3, so it gets the same levels in float64
+    ref.sigmas = sigmas if solver != "heun" else torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+    want = diffusers_run(ref, theirs_net, x, float(sigmas[0]))
+
+    assert len(ours_net.inputs) == len(theirs_net.inputs) == network_calls(solver, steps)
+    for (xa, ta), (xb, tb) in zip(ours_net.inputs, theirs_net.inputs):
+        assert torch.equal(ta, tb)
+        torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-5 * float(xb.abs().max()))  # float32 against float64
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
