@@ -6,8 +6,10 @@ nothing outside the site and shows no nbdev cell option; the navigation reaches 
 Screenshots of two chapters are written to docs/_build/screenshots for a person to look at.
 """
 import importlib.util
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,9 +50,10 @@ RAW_TEX = re.compile(r"\$\$|\\frac|\\begin\{|\$[^$\n]*\\[a-zA-Z]+[^$\n]*\$")
 
 @pytest.fixture(scope="module")
 def site() -> Path:
-    "The site built by the README's command, once for this module; the build time is printed."
+    "The site built by the README's command (with this Python's tools first on the PATH), once for this module."
     start = time.perf_counter()
-    run = subprocess.run(["bash", "docs/build.sh"], cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    run = subprocess.run(["bash", "docs/build.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, f"bash docs/build.sh failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     print(f"site built in {time.perf_counter() - start:.0f} s")
     return HTML
