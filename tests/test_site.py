@@ -140,3 +140,16 @@ def test_api_reference_documents_the_package(browser, site):
             "ddpm_course.sampling.ddim_step", "ddpm_course.unet.UNet"} <= set(names)
     text = browser.execute_script("return document.body.textContent")
     assert "side of the square output" in text  # a parameter comment (nbdev docments) of data.load_digits_with_labels
+
+
+def test_links_between_pages_resolve(site):
+    "Every link within the site (nbdev's links to documented names included) reaches a page and an anchor on it."
+    ids = {p.name: set(re.findall(r'\bid="([^"]+)"', p.read_text(encoding="utf-8"))) for p in site.glob("*.html")}
+    broken, n = [], 0
+    for name in ids:
+        for href in re.findall(r'<a class="reference internal" href="([^"]+)"', (site / name).read_text(encoding="utf-8")):
+            page, _, anchor = href.partition("#")
+            n += 1
+            if (page or name) not in ids or (anchor and anchor not in ids[page or name]):
+                broken.append(f"{name} -> {href}")
+    assert n > 100 and not broken, f"{len(broken)} of {n} links broken: {broken[:10]}"
