@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -208,6 +209,10 @@ def main(argv: list[str] | None = None) -> Path:
     from nbdev.serve import proc_nbs  # imported here: the functions above need no nbdev
 
     print("== nbdev: processing the notebooks into _proc/", flush=True)
+    # nbdev runs every cell that imports something; its warning for imports mixed with other code (for the
+    # rcParams and seed lines after the imports, harmless) would fill the screen. A cell that fails still stops it.
+    quiet = "ignore:Found cells containing imports:UserWarning"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     proc = Path(proc_nbs(force=args.force))
     pages = stage(ROOT / "nbs", proc, args.out / "src", settings())
     print(f"== Sphinx: {len(pages)} pages into {args.out / 'html'}", flush=True)
