@@ -18,8 +18,10 @@ from . import __version__
 from .data import DATASETS, DatasetDownloadError, image_grid, to_uint8
 from .losses import LOSS_KINDS
 from .metrics import evaluate_samples
-from .sampling import sample_ddim, sample_ddpm
+from .sampling import sample_ddim
+from .prediction import PREDICTIONS
 from .schedules import BETA_SCHEDULES
+from .solvers import SAMPLERS, network_calls, sample_with
 from .training import (AMP_MODES, CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint, load_model,
                                   save_checkpoint, train)
 from .unet import UNET_PRESETS
@@ -35,6 +37,7 @@ PROG = "ddpm-course"
 EXAMPLES = """examples:
   ddpm-course train                                          # digits, 8x8, a few minutes on a laptop CPU
   ddpm-course sample --checkpoint pretrained:digits --out samples/
+  ddpm-course sample --checkpoint pretrained:digits --sampler dpm++ --steps 10 --out samples-dpm/
   ddpm-course eval --samples samples/samples.npz
 """
 
@@ -106,6 +109,10 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--schedule", choices=tuple(BETA_SCHEDULES), default=d.schedule, help="beta schedule")
     p.add_argument("--timesteps", type=_positive_int, default=d.timesteps, help="diffusion steps T")
     p.add_argument("--loss", choices=LOSS_KINDS, default=d.loss, help="distance between predicted and true noise")
+    p.add_argument("--prediction", choices=PREDICTIONS, default=d.prediction,
+                   help="what the network predicts: eps (the noise), x0 (the clean image) or v (the velocity)")
+    p.add_argument("--min-snr-gamma", type=_positive_float, default=d.min_snr_gamma, metavar="G",
+                   help="weight the loss by min-SNR-G (Hang et al. 2023; 5 is usual); default: plain L_simple")
     p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seeds the weights, the data order, the noise and the grids")
     p.add_argument("--log-every", type=_positive_int, default=d.log_every, help="steps between rows of log.csv")
     p.add_argument("--sample-every", type=_positive_int, default=d.sample_every, help="steps between sample grids")
@@ -131,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     "Run `ddpm-course train`."
     cfg = TrainConfig(
         dataset=args.dataset, image_size=args.image_size, unet=args.unet, schedule=args.schedule, timesteps=args.timesteps,
-        loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+        loss=args.loss, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
         seed=args.seed, log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
         n_samples=args.n_samples, device=args.device, amp=args.amp, num_workers=args.num_workers)
     out = args.out if args.out is not None else Path("runs") / _run_name(args.dataset)
@@ -158,9 +165,12 @@ def _add_sample_parser(sub) -> None:
                    help="a folder written by `ddpm-course train`, or pretrained:NAME for a model shipped with the package (pretrained:digits)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for samples.npz and grid.png (created if missing)")
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
-                   help="ddpm: ancestral sampling through all T training steps; ddim: deterministic (eta 0) in --steps steps")
-    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps, 1..T (default 50); not used by --sampler ddpm, which takes all T")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddpm: ancestral sampling through all T training steps; ddim: deterministic (eta 0) in --steps steps; "
+                        "dpm++ (DPM-Solver++ 2M), euler, heun: probability-flow ODE solvers on Karras sigmas in --steps steps")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="steps of ddim (default 50) and of the solvers (default 20; heun makes 2 network calls a step); "
+                        "not used by --sampler ddpm, which takes all T")
     p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="images generated at once (lower it to save memory)")
@@ -172,23 +182,24 @@ def _add_sample_parser(sub) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     "Run `ddpm-course sample`."
     if args.sampler == "ddpm" and args.steps is not None:
-        raise ValueError("--steps is for --sampler ddim; --sampler ddpm always takes all T training steps")
-    if args.sampler == "ddpm" and args.eta != 0:
-        raise ValueError("--eta is for --sampler ddim")
+        raise ValueError("--steps is for the other samplers; --sampler ddpm always takes all T training steps")
+    if args.sampler != "ddim" and args.eta != 0:
+        raise ValueError(f"--eta is for --sampler ddim, not {args.sampler}")
     ddpm = load_model(args.checkpoint)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     kw = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-    if args.sampler == "ddpm":
-        x = sample_ddpm(ddpm, args.n, **kw)
-    else:
+    if args.sampler == "ddim":
         x = sample_ddim(ddpm, args.n, steps=args.steps or 50, eta=args.eta, **kw)
+    else:
+        x = sample_with(args.sampler, ddpm, args.n, args.steps, **kw)
     seconds = time.perf_counter() - t0
     images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
     np.savez_compressed(args.out / "samples.npz", images=images)
     image_grid(torch.from_numpy(images[:256]).permute(0, 3, 1, 2)).save(args.out / "grid.png")
-    steps = ddpm.num_timesteps if args.sampler == "ddpm" else args.steps or 50
-    print(f"{args.n} samples ({args.sampler}, {steps} steps, {seconds:.1f} s, {1000 * seconds / args.n:.1f} ms/image) "
+    steps = ddpm.num_timesteps if args.sampler == "ddpm" else args.steps or (50 if args.sampler == "ddim" else 20)
+    calls = network_calls(args.sampler, steps, ddpm.num_timesteps)
+    print(f"{args.n} samples ({args.sampler}, {steps} steps, {calls} network calls, {seconds:.1f} s, {1000 * seconds / args.n:.1f} ms/image) "
           f"written to {args.out / 'samples.npz'} and {args.out / 'grid.png'}")
     return 0
 

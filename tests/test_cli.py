@@ -1,5 +1,6 @@
 """Tests of ddpm_course.cli: the `ddpm-course` command, in-process through main() and once as the console script."""
 import csv
+import json
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from ddpm_course.cli import build_parser, main, read_samples
 from ddpm_course.data import load_dataset
 from ddpm_course.metrics import evaluate_samples
 from ddpm_course.sampling import sample_ddim
-from ddpm_course.training import load_model
+from ddpm_course.training import CheckpointError, load_model
 
 QUICK = ["--sample-every", "10", "--checkpoint-every", "10", "--n-samples", "4", "--log-every", "5", "--no-progress"]
 
@@ -54,7 +55,9 @@ def test_help_lists_every_option(capsys):
     ["train", "--steps", "0"],
     ["train", "--lr", "-1"],
     ["sample", "--out", "x"],  # --checkpoint missing
-    ["sample", "--checkpoint", "pretrained:digits", "--out", "x", "--sampler", "euler"],
+    ["sample", "--checkpoint", "pretrained:digits", "--out", "x", "--sampler", "lms"],
+    ["train", "--prediction", "score"],
+    ["train", "--min-snr-gamma", "0"],
     ["eval"],
     ["frobnicate"],
 ])
@@ -112,7 +115,38 @@ def test_sample_ddpm_and_sampler_options(tmp_path, capsys):
     assert "ddpm, 1000 steps" in capsys.readouterr().out
     assert read_samples(tmp_path / "samples.npz").shape == (2, 8, 8, 1)
     assert main(["sample", "--checkpoint", "pretrained:digits", "--sampler", "ddpm", "--steps", "10", "--out", str(tmp_path)]) == 2
-    assert "--steps is for --sampler ddim" in error_line(capsys)
+    assert "--steps is for the other samplers" in error_line(capsys)
+
+
+@pytest.mark.parametrize("sampler,steps,calls", [("dpm++", 4, 4), ("euler", 3, 3), ("heun", 3, 5)])
+def test_sample_with_the_ode_solvers(tmp_path, capsys, sampler, steps, calls):
+    argv = ["sample", "--checkpoint", "pretrained:digits", "--n", "6", "--sampler", sampler, "--steps", str(steps), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert f"{sampler}, {steps} steps, {calls} network calls" in capsys.readouterr().out
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert np.array_equal(read_samples(tmp_path / "a" / "samples.npz"), read_samples(tmp_path / "b" / "samples.npz"))
+
+
+def test_sample_refuses_options_that_do_not_fit_the_solver(tmp_path, capsys):
+    base = ["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path)]
+    assert main([*base, "--sampler", "dpm++", "--steps", "1"]) == 2
+    assert "dpm++ needs steps >= 2" in error_line(capsys)
+    assert main([*base, "--sampler", "heun", "--eta", "1"]) == 2
+    assert "--eta is for --sampler ddim" in error_line(capsys)
+
+
+def test_train_records_the_prediction_target_and_sample_reads_it(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["train", "--steps", "3", "--prediction", "v", "--min-snr-gamma", "5", "--out", str(out), "--no-progress",
+                 "--sample-every", "3", "--n-samples", "4"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["prediction"] == "v" and config["min_snr_gamma"] == 5.0 and config["train"]["prediction"] == "v"
+    ddpm = load_model(out)
+    assert ddpm.prediction == "v" and ddpm.min_snr_gamma == 5.0
+    with pytest.raises(CheckpointError, match="trained to predict 'v', not 'eps'"):
+        load_model(out, prediction="eps")
+    assert main(["sample", "--checkpoint", str(out), "--n", "4", "--sampler", "dpm++", "--steps", "3",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0
 
 
 def test_eval_prints_score_floor_ratio_intervals_and_memorisation(samples, capsys):

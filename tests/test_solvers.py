@@ -104,3 +104,60 @@ def test_solvers_match_diffusers_step_by_step(solver, prediction, name, steps):
         assert torch.equal(ta, tb)
         torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-5 * float(xb.abs().max()))  # float32 against float64
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def gaussian_denoiser(mu, sd):
+    "The exact D(x, sigma) = E[x_0 | x] for data N(mu, sd^2), in Karras variables x = x_0 + sigma * eps."
+    return lambda x, sigma: mu + sd**2 / (sd**2 + sigma**2) * (x - mu)
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("dpm++", 2)])
+def test_solvers_converge_at_their_order_to_the_exact_ode_solution(solver, order):
+    "For Gaussian data the probability-flow ODE is solved in closed form: x_0 = mu + (x_T - mu) sd / sqrt(sd^2 + sigma_max^2)."
+    mu, sd, sigma_max = 0.3, 0.5, 80.0
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64) * sigma_max
+    exact = mu + (x - mu) * sd / math.sqrt(sd**2 + sigma_max**2)
+    errors = [float((solve(gaussian_denoiser(mu, sd), x, karras_sigmas(0.01, sigma_max, n), solver) - exact).abs().max())
+              for n in (20, 40, 80)]
+    for coarse, fine in zip(errors, errors[1:]):
+        assert 2**order * 0.85 < coarse / fine < 2**order * 1.25, errors
+
+
+def fake_ddpm(prediction="eps"):
+    return DDPM(RecordingNet(), NoiseSchedule(BETAS["linear"]), sample_shape=(1, 4, 4), prediction=prediction)
+
+
+@pytest.mark.parametrize("solver,steps", [("dpm++", 2), ("euler", 1), ("heun", 1), ("heun", 6)])
+def test_sample_solver_makes_the_promised_calls_and_is_seed_stable_in_batches(solver, steps):
+    ddpm = fake_ddpm()
+    a = sample_solver(ddpm, 5, steps, solver, seed=3)
+    assert len(ddpm.model.inputs) == network_calls(solver, steps)
+    b = sample_solver(ddpm, 5, steps, solver, seed=3, batch_size=2)
+    assert a.dtype == torch.float32 and a.shape == (5, 1, 4, 4)
+    torch.testing.assert_close(a, b)
+    assert a.abs().max() <= 1  # clipped x0 at the last step
+
+
+def test_sample_with_dispatches_to_each_sampler():
+    ddpm = fake_ddpm()
+    torch.testing.assert_close(sample_with("ddim", ddpm, 3, 7, seed=1), sample_ddim(ddpm, 3, steps=7, seed=1))
+    torch.testing.assert_close(sample_with("heun", ddpm, 3, 4, seed=1), sample_solver(ddpm, 3, 4, "heun", seed=1))
+    start = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sample_with("euler", ddpm, 3, 4, seed=1), sample_solver(ddpm, steps=4, solver="euler", xt=start))
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++", "euler", "heun"}
+
+
+def test_bad_input_fails_with_what_was_expected():
+    ddpm = fake_ddpm()
+    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim', 'dpm\+\+', 'euler', 'heun'\), got 'lms'"):
+        sample_with("lms", ddpm, 2)
+    with pytest.raises(ValueError, match=r"dpm\+\+ needs steps >= 2 \(a multistep solver needs a previous step\), got 1"):
+        sample_solver(ddpm, 2, 1, "dpm++")
+    with pytest.raises(ValueError, match="euler needs steps >= 1, got 0"):
+        sample_solver(ddpm, 2, 0, "euler")
+    with pytest.raises(ValueError, match="the ddpm sampler takes all T = 1000 steps, got steps=50"):
+        sample_with("ddpm", ddpm, 2, 50)
+    with pytest.raises(ValueError, match="need 0 < sigma_min <= sigma_max"):
+        karras_sigmas(2.0, 1.0, 10)
+    with pytest.raises(ValueError, match="give either n_or_shape"):
+        sample_solver(ddpm, 2, 4, xt=torch.zeros(2, 1, 4, 4))
