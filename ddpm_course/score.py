@@ -16,7 +16,7 @@ from .schedules import NoiseSchedule
 # %% auto #0
 __all__ = ['schedule_sigmas', 'GaussianMixture', 'langevin']
 
-# %% ../nbs/12b_score_view.ipynb #a84fda51
+# %% ../nbs/12b_score_view.ipynb #46da75ed
 def schedule_sigmas(s: NoiseSchedule) -> Tensor:
     "The noise level of each timestep in Karras et al.'s variables, sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t), float64 [T]."
     ab = torch.cumprod(1 - s.betas.double(), 0)
@@ -31,9 +31,10 @@ class GaussianMixture:
         k = self.means.shape[0]
         self.sds = torch.as_tensor(sds, dtype=torch.float64).expand(k).clone()
         self.weights = torch.full((k,), 1 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if self.means.ndim != 2 or (self.sds <= 0).any() or (self.weights < 0).any() or abs(float(self.weights.sum()) - 1) > 1e-9:
+        if self.means.ndim != 2 or (self.sds <= 0).any() or (self.weights < 0).any() or abs(float(self.weights.sum()) - 1) > 1e-6:
             raise ValueError(f"need means [K, d], sds > 0 and weights >= 0 summing to 1; got means of shape "
                              f"{list(self.means.shape)}, sds {self.sds.tolist()}, weights {self.weights.tolist()}")
+        self.weights = self.weights / self.weights.sum()  # exactly 1 in float64
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         "n draws of x_0 [n, d], float64."

@@ -47,7 +47,7 @@ def sigma_to_t(sigma: Tensor, s: NoiseSchedule) -> Tensor:
     w = ((ls - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
     return low + w
 
-# %% ../nbs/12c_solvers.ipynb #42c87922
+# %% ../nbs/12c_solvers.ipynb #1245c9f6
 def euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
     "One Euler step of dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next (Karras variables)."
     return x + (x - denoised) / sigma * (sigma_next - sigma)
@@ -77,13 +77,12 @@ def dpmpp_2m_step(
         d = denoised + (denoised - prev_denoised) / (2 * r)
     return sigma_next / sigma * x - math.expm1(-h) * d
 
-# %% ../nbs/12c_solvers.ipynb #5bb20fa5
+# %% ../nbs/12c_solvers.ipynb #8ece8855
 class KarrasDenoiser:
     "A trained DDPM seen as Karras et al.'s denoiser D(x, sigma): x is x_t / sqrt(alpha-bar), the network sees the nearest timestep."
 
     def __init__(self, ddpm: DDPM, clip_x0: bool = False):
         self.ddpm, self.clip_x0 = ddpm, clip_x0
-        self.calls = 0
 
     def timestep(self, sigma: float) -> int:
         "The integer timestep the network is given at noise level `sigma` (the nearest, as diffusers' DPM-Solver)."
@@ -95,12 +94,11 @@ class KarrasDenoiser:
         a = 1 / math.sqrt(1 + sigma**2)
         xt = a * x  # back to the variable the network was trained on
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.long, device=x.device)
-        self.calls += 1
         out = self.ddpm.model(xt.float(), t).to(x.dtype)
         x0, _ = x0_eps_from_ab(self.ddpm.prediction, out, xt, a, sigma * a)
         return x0.clamp(-1, 1) if self.clip_x0 else x0
 
-# %% ../nbs/12c_solvers.ipynb #8f4aefa8
+# %% ../nbs/12c_solvers.ipynb #a88bb7b4
 SOLVERS = ("dpm++", "euler", "heun")
 SAMPLERS = ("ddpm", "ddim") + SOLVERS
 
@@ -112,9 +110,13 @@ def network_calls(sampler: str, steps: int, num_timesteps: int = 1000) -> int:
     return num_timesteps if sampler == "ddpm" else 2 * steps - 1 if sampler == "heun" else steps
 
 
-def _check_steps(solver: str, steps: int) -> None:
+def _check_solver(solver: str) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def _check_steps(solver: str, steps: int) -> None:
+    _check_solver(solver)
     least = 2 if solver == "dpm++" else 1
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < least:
         why = " (a multistep solver needs a previous step)" if solver == "dpm++" else ""
@@ -130,6 +132,7 @@ def solve(
     progress: bool = False,
 ) -> Tensor:
     "Integrate the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] to sigmas[-1] = 0 with `solver`."
+    _check_solver(solver)
     sig = [float(v) for v in sigmas]
     prev = None
     for i in tqdm(range(len(sig) - 1), desc=solver, disable=not progress, leave=False):

@@ -446,7 +446,9 @@ def _check_resumable(saved: dict | None, cfg: TrainConfig, file: Path) -> None:
     if saved is None:
         raise CheckpointError(f"{str(file)!r} has no training config, so it cannot be resumed")
     now = json.loads(json.dumps(asdict(cfg)))  # as it would read back from JSON (tuples become lists)
-    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE_FIELDS and saved.get(k) != v]
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))  # fields added since the checkpoint was written
+    diff = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
+            if k not in RESUMABLE_FIELDS and saved.get(k, defaults[k]) != v]
     if diff:
         raise CheckpointError(f"the checkpoint in {str(file.parent)!r} was made with other settings ({'; '.join(diff)}); "
                               "use a new output folder, or the same settings to resume")
