@@ -16,10 +16,10 @@ from .schedules import NoiseSchedule
 # %% auto #0
 __all__ = ['schedule_sigmas', 'GaussianMixture', 'langevin']
 
-# %% ../nbs/12b_score_view.ipynb #46da75ed
+# %% ../nbs/12b_score_view.ipynb #1e7c3d60
 def schedule_sigmas(s: NoiseSchedule) -> Tensor:
-    "The noise level of each timestep in Karras et al.'s variables, sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t), float64 [T]."
-    ab = torch.cumprod(1 - s.betas.double(), 0)
+    "The noise level of each timestep in Karras et al.'s variables, sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t), float64 [T] on the CPU."
+    ab = torch.cumprod(1 - s.betas.detach().double().cpu(), 0)
     return ((1 - ab) / ab).sqrt()
 
 
