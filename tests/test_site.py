@@ -102,8 +102,7 @@ def test_page_renders_offline(browser, site, page):
     if page in SCREENSHOTS:
         target = SCREENSHOTS[page]
         if target:
-            browser.execute_script(f"document.querySelector('article {target}').scrollIntoView()")
-            time.sleep(0.3)
+            browser.execute_script(f"document.querySelector('article {target}').scrollIntoView({{block: 'center', behavior: 'instant'}})")
         shots = BUILD / "screenshots"
         shots.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(shots / f"{page}.png"))
