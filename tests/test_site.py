@@ -102,7 +102,8 @@ def test_page_renders_offline(browser, site, page):
     if page in SCREENSHOTS:
         target = SCREENSHOTS[page]
         if target:
-            browser.execute_script(f"document.querySelector('article {target}').scrollIntoView({{block: 'center', behavior: 'instant'}})")
+            browser.execute_script(f"document.querySelector('article {target}')"
+                                   ".scrollIntoView({block: 'center', behavior: 'instant'})")
         shots = BUILD / "screenshots"
         shots.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(shots / f"{page}.png"))
@@ -171,5 +172,5 @@ def wait_for_hits(browser, timeout: float = 30) -> list[str]:
         if hits:
             return [h.split("#")[0].split("?")[0] for h in hits]
         time.sleep(0.2)
-    pytest.fail("the search page listed no result within {timeout:.0f} s")
+    pytest.fail(f"the search page listed no result within {timeout:.0f} s")
 
