@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -15,18 +16,19 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import (CheckpointError, DiskFullError, RunLockedError, load_checkpoint, load_model,
+                                    save_checkpoint)
 from .data import DATASETS, DatasetDownloadError, image_grid, to_uint8
 from .losses import LOSS_KINDS
 from .metrics import evaluate_samples
 from .sampling import sample_ddim, sample_ddpm
 from .schedules import BETA_SCHEDULES
-from .training import (AMP_MODES, CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint, load_model,
-                                  save_checkpoint, train)
+from .training import AMP_MODES, NonFiniteLossError, TrainConfig, train
 from .unet import UNET_PRESETS
 
 # %% auto #0
-__all__ = ['PROG', 'EXAMPLES', 'TRAIN_STEPS', 'GRID_DDIM_STEPS', 'USER_ERRORS', 'cmd_train', 'cmd_sample', 'read_samples',
-           'cmd_eval', 'export_model', 'cmd_export', 'build_parser', 'main']
+__all__ = ['PROG', 'EXAMPLES', 'TRAIN_STEPS', 'GRID_DDIM_STEPS', 'DEBUG_ENV', 'RUN_ERRORS', 'USER_ERRORS', 'INPUT_ERRORS',
+           'cmd_train', 'cmd_sample', 'read_samples', 'cmd_eval', 'export_model', 'cmd_export', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #37171c4d
 PROG = "ddpm-course"
@@ -253,9 +255,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     "An inference-only copy of a training run: the EMA weights, schedule and config, no optimiser state; log.csv copied."
     ck = load_checkpoint(checkpoint)
     ddpm = load_model(checkpoint)  # EMA weights
-    train_cfg = ck.config.get("train")
     out = Path(out_dir)
-    path = save_checkpoint(out, ddpm, ck.step, train_config=TrainConfig(**train_cfg) if train_cfg else None)
+    path = save_checkpoint(out, ddpm, ck.step, train_config=ck.config.get("train"))
     log = ck.path.with_name("log.csv")
     if log.is_file() and log.resolve() != (out / "log.csv").resolve():
         shutil.copyfile(log, out / "log.csv")
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sample and evaluate denoising diffusion probabilistic models (the ddpm-course package). "
                     "Run `ddpm-course COMMAND --help` for each command's options.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the full traceback of every error, not only of bugs (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
     _add_sample_parser(sub)
@@ -296,20 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ValueError, OSError, CheckpointError, DatasetDownloadError, NonFiniteLossError)
+DEBUG_ENV = "DDPM_COURSE_DEBUG"  # set to 1 for tracebacks of user errors too
+RUN_ERRORS = (NonFiniteLossError, DiskFullError, RunLockedError, DatasetDownloadError)  # exit 1: the run could not go on
+USER_ERRORS = (CheckpointError, OSError)  # exit 2: a checkpoint or a file cannot be used as asked
+INPUT_ERRORS = (ValueError,)  # exit 2 when raised by the package's own checks; from deeper down (torch, numpy) a bug
+
+
+def _raised_here(e: BaseException) -> bool:
+    "Whether the innermost frame of e's traceback is code of this package (one of its checks), or of the running script."
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module == "__main__" or module.split(".")[0] == "ddpm_course"
+
+
+def _exit_status(e: BaseException) -> int | None:
+    "1 or 2 for an error the user can act on (reported in one line); None for a bug (shown with its traceback)."
+    if isinstance(e, RUN_ERRORS):
+        return 1
+    if isinstance(e, USER_ERRORS) or (isinstance(e, INPUT_ERRORS) and _raised_here(e)):
+        return 2
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `ddpm-course` console script; returns the exit status (2 for a user error, with a one-line message)."
+    "Entry point of the `ddpm-course` console script; returns the exit status (2 or 1 for a user error, with a one-line message)."
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(getattr(args, "threads", threads))
         return args.func(args)
-    except USER_ERRORS as e:
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+        return status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted" + ("; run the same command again to resume from the last checkpoint" if args.command == "train" else ""),
               file=sys.stderr)

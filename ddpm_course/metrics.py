@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
+from .checkpoint import PRETRAINED_PREFIX, load_network, pretrained_dir, register_network, save_network
 from .data import from_uint8, get_dataloader, load_dataset, to_uint8
 from .ddpm import DDPM
 from .sampling import sample_ddim, sample_ddpm
-from .training import PRETRAINED_PREFIX, atomic_write, pretrained_dir, resolve_checkpoint
 
 # %% auto #0
 __all__ = ['gaussian_stats', 'frechet_distance', 'feature_frechet_distance', 'ImageClassifier', 'shift_augment',
@@ -115,34 +115,18 @@ def shift_augment(x: torch.Tensor, max_shift: int = 1, generator: torch.Generato
     return p[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 # %% ../nbs/12_evaluation.ipynb #94ca74d2
-def save_classifier(clf: ImageClassifier, out_dir: str | Path, info: dict | None = None) -> Path:
-    "Write model.safetensors and config.json (model settings plus `info`) into out_dir."
-    from safetensors.torch import save_file
+register_network(ImageClassifier)  # chapter 09b's format rebuilds it from its config
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() for k, v in clf.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
-    config = json.dumps({"model": clf.config, **(info or {})}, indent=2) + "\n"
-    atomic_write(out / "config.json", lambda p: p.write_text(config))
-    return out
+
+def save_classifier(clf: ImageClassifier, out_dir: str | Path, info: dict | None = None, step: int = 0) -> Path:
+    "Write model.safetensors and config.json (chapter 09b's format; `info` and the training `step` in the config) into out_dir."
+    save_network(clf, out_dir, step, info)
+    return Path(out_dir)
 
 
 def load_classifier(path: str | Path = "pretrained:digits_classifier") -> ImageClassifier:
     "An ImageClassifier in eval mode from a folder written by save_classifier (or pretrained:<name>)."
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = resolve_checkpoint(path)
-    for f in ("config.json", "model.safetensors"):
-        if not (folder / f).is_file():
-            raise FileNotFoundError(f"no classifier checkpoint at {str(path)!r}: expected a folder with config.json and model.safetensors, {f} is missing")
-    try:
-        clf = ImageClassifier(**json.loads((folder / "config.json").read_text())["model"])
-        clf.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise ValueError(f"corrupt classifier checkpoint in {str(folder)!r} ({type(e).__name__}: {e})") from e
-    return clf.eval()
+    return load_network(path, ImageClassifier)
 
 # %% ../nbs/12_evaluation.ipynb #e333669b
 def _n_classes(ds) -> int:
@@ -211,7 +195,7 @@ def train_classifier(
     if out_dir is not None:
         info = dict(dataset=dataset, test_accuracy=round(acc, 4), seconds=round(time.time() - t0, 1),
                     training=dict(steps=steps, batch_size=batch_size, lr=lr, max_shift=max_shift, seed=seed))
-        out = save_classifier(clf, out_dir, info)
+        out = save_classifier(clf, out_dir, info, steps)
         with open(out / "log.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(log[0]))
             w.writeheader()

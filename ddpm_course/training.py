@@ -7,37 +7,32 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import json
 import math
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from .checkpoint import (CheckpointError, DiskFullError, atomic_write, checkpoint_step, load_checkpoint, load_state,
+                                    run_lock, save_checkpoint)
 from .data import image_grid, load_dataset
-from .ddpm import DDPM, ToyMLP
+from .ddpm import DDPM
 from .fast import make_fast
 from .losses import LOSS_KINDS
 from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
-from .unet import UNET_PRESETS, UNet, unet_preset
+from .unet import UNET_PRESETS, unet_preset
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'FORMAT', 'FORMAT_VERSION', 'NETS', 'PRETRAINED_PREFIX', 'RESUMABLE_FIELDS', 'LOG_FIELDS',
-           'PROGRESS_EVERY_S', 'TrainConfig', 'lr_at', 'ema_decay_at', 'ema_update', 'StepBatchSampler',
-           'CheckpointError', 'atomic_write', 'Checkpoint', 'save_checkpoint', 'pretrained_dir', 'resolve_checkpoint',
-           'load_checkpoint', 'build_net', 'load_model', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log',
-           'train']
+__all__ = ['AMP_MODES', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'TrainConfig', 'lr_at', 'ema_decay_at',
+           'ema_update', 'StepBatchSampler', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log', 'train']
 
 # %% ../nbs/10_training.ipynb #fdf6773c
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -137,217 +132,7 @@ class StepBatchSampler(Sampler):
             yield perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
             step += 1
 
-# %% ../nbs/10_training.ipynb #b3adec02
-class CheckpointError(RuntimeError):
-    "A checkpoint is missing, truncated, not ours, or does not fit the model."
-
-
-FORMAT = "ddpm-course-checkpoint"
-FORMAT_VERSION = 1
-NETS: dict[str, type[nn.Module]] = {"UNet": UNet, "ToyMLP": ToyMLP}
-
-
-def _fsync_dir(folder: Path) -> None:
-    "Make a rename inside `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    "Call write(tmp) for `path`.tmp in the same folder, fsync it, then rename it over `path` in one step."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-# %% ../nbs/10_training.ipynb #8570fc1f
-@dataclass
-class Checkpoint:
-    "What `load_checkpoint` read: the step, the run's config, and the tensors grouped by prefix."
-    path: Path  # the .safetensors file
-    step: int  # optimiser steps done
-    config: dict  # what config.json holds: net, loss_kind, sample_shape, train (a TrainConfig as a dict), ...
-    tensors: dict[str, dict[str, Tensor]]  # "model", "ema", "schedule", "rng" -> {name: tensor}
-    optimizer: dict | None  # an optimiser state_dict, ready for `load_state_dict`; None if not saved
-    scaler: dict | None  # a GradScaler state_dict (fp16 runs); None if not saved
-
-
-def _optimizer_to_flat(sd: dict) -> tuple[dict[str, Tensor], dict]:
-    "Split an optimiser state_dict into tensors (optim.state.<param>.<name>) and JSON-able rest."
-    tensors, rest = {}, {}
-    for i, state in sd["state"].items():
-        for k, v in state.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.state.{i}.{k}"] = v
-            else:
-                rest.setdefault(str(i), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": rest}
-
-
-def _optimizer_from_flat(tensors: dict[str, Tensor], meta: dict) -> dict:
-    "Inverse of `_optimizer_to_flat`."
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    for i, rest in meta["state"].items():
-        state.setdefault(int(i), {}).update(rest)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(
-    out_dir: str | Path,  # the run folder; model.safetensors and config.json go here
-    ddpm: DDPM,  # the model being trained (its network needs a JSON-able `.config`)
-    step: int,  # optimiser steps done
-    *,
-    ema: nn.Module | None = None,  # the EMA copy of `ddpm.model`
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: torch.amp.GradScaler | None = None,  # fp16 loss scaler, if any
-    train_config: TrainConfig | None = None,  # the run's settings, so that a rerun can resume
-) -> Path:
-    "Write model.safetensors (weights, EMA, optimiser, RNG) and config.json atomically; return the .safetensors path."
-    net = ddpm.model
-    if type(net).__name__ not in NETS or not isinstance(getattr(net, "config", None), dict):
-        raise ValueError(f"can only save networks from {tuple(NETS)} (they carry a .config), got {type(net).__name__}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(format=FORMAT, version=FORMAT_VERSION, step=int(step),
-                  net={"class": type(net).__name__, "config": net.config}, loss_kind=ddpm.loss_kind,
-                  sample_shape=list(ddpm.sample_shape) if ddpm.sample_shape else None,
-                  train=asdict(train_config) if train_config is not None else None)
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    tensors |= {f"schedule.{k}": v for k, v in ddpm.schedule.state_dict().items()}
-    if ema is not None:
-        tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    metadata = {"format": FORMAT, "step": str(int(step)), "config": json.dumps(config)}
-    if optimizer is not None:
-        flat, rest = _optimizer_to_flat(optimizer.state_dict())
-        tensors |= flat
-        metadata["optimizer"] = json.dumps(rest)
-    if scaler is not None and scaler.is_enabled():
-        metadata["scaler"] = json.dumps(scaler.state_dict())
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    path = out / "model.safetensors"
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata))
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return path
-
-# %% ../nbs/10_training.ipynb #8265c7b0
-PRETRAINED_PREFIX = "pretrained:"
-
-
-def pretrained_dir(name: str) -> Path:
-    "The folder of a model shipped inside the package, ddpm_course/pretrained/<name>."
-    return Path(str(files("ddpm_course"))) / "pretrained" / name
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    "`pretrained:NAME` as the shipped folder (a CheckpointError if there is none); any other path unchanged."
-    if not str(path).startswith(PRETRAINED_PREFIX):
-        return Path(path)
-    name = str(path)[len(PRETRAINED_PREFIX):]
-    if not name or not (pretrained_dir(name) / "config.json").is_file():
-        shipped = sorted(f.parent.name for f in pretrained_dir("").glob("*/config.json")
-                         if json.loads(f.read_text()).get("format") == FORMAT)
-        raise CheckpointError(f"no pretrained model {name!r} ships with ddpm_course; shipped: {', '.join(shipped) or 'none'}")
-    return pretrained_dir(name)
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    "Read a checkpoint (a run folder, its .safetensors file, or pretrained:NAME), checking it is complete and consistent; nothing is unpickled."
-    path = resolve_checkpoint(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}: expected a run folder holding model.safetensors "
-                              "(and config.json), or the path of a .safetensors file")
-    try:
-        tensors = load_file(str(file))
-        with safe_open(str(file), "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(file)!r} is not a complete safetensors file (truncated or corrupt?): {e}") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{str(file)!r} is a safetensors file but not a ddpm-course checkpoint "
-                              f"(its metadata has format={metadata.get('format')!r}, expected {FORMAT!r})")
-    config, step = json.loads(metadata["config"]), int(metadata["step"])
-    cfg_file = file.with_name("config.json")
-    if cfg_file.is_file():
-        try:
-            on_disk = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{str(cfg_file)!r} is not valid JSON (truncated?): {e}") from None
-        if {k: v for k, v in on_disk.items() if k != "step"} != {k: v for k, v in config.items() if k != "step"}:
-            raise CheckpointError(f"{str(cfg_file)!r} and {str(file)!r} describe different runs: "
-                                  "the folder mixes files from two checkpoints")
-        if on_disk.get("step") != step:
-            warnings.warn(f"config.json says step {on_disk.get('step')} but {file.name} holds step {step} "
-                          "(a run stopped between writing the two); using the weights' step")
-    groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "schedule": {}, "rng": {}, "optim.state": {}}
-    for key, v in tensors.items():
-        prefix = next((p for p in groups if key.startswith(p + ".")), None)
-        if prefix is None:
-            raise CheckpointError(f"{str(file)!r} holds an unexpected tensor {key!r}")
-        groups[prefix][key[len(prefix) + 1:]] = v
-    optim = groups.pop("optim.state")
-    optimizer = _optimizer_from_flat(optim, json.loads(metadata["optimizer"])) if "optimizer" in metadata else None
-    scaler = json.loads(metadata["scaler"]) if "scaler" in metadata else None
-    return Checkpoint(file, step, config, groups, optimizer, scaler)
-
 # %% ../nbs/10_training.ipynb #7d3d06fb
-def _load_state(module: nn.Module, state: dict[str, Tensor], what: str, file: Path) -> None:
-    "load_state_dict, turning a key or shape mismatch into a CheckpointError."
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())
-        raise CheckpointError(f"the {what} in {str(file)!r} do not fit the model: {msg[:600]}") from None
-
-
-def build_net(net_config: dict) -> nn.Module:
-    "The network described by a checkpoint's config['net'] ({'class': ..., 'config': {...}}), freshly initialised."
-    name = net_config.get("class")
-    if name not in NETS:
-        raise CheckpointError(f"unknown network class {name!r} in the checkpoint; known: {tuple(NETS)}")
-    try:
-        return NETS[name](**net_config["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot build {name} from the checkpoint's config: {e}") from None
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> DDPM:
-    "The DDPM saved in a checkpoint, with the EMA weights (or the raw ones with ema=False), in eval mode."
-    ck = load_checkpoint(path)
-    net = make_fast(build_net(ck.config["net"]))  # the fast forms of chapter 08b: same parameters, same function
-    which = "ema" if ema and ck.tensors["ema"] else "model"
-    if not ck.tensors[which]:
-        raise CheckpointError(f"{str(ck.path)!r} holds no network weights (no 'model.' or 'ema.' tensors)")
-    _load_state(net, ck.tensors[which], f"{which} weights", ck.path)
-    betas = ck.tensors["schedule"].get("betas")
-    if betas is None:
-        raise CheckpointError(f"{str(ck.path)!r} holds no noise schedule (no 'schedule.betas')")
-    schedule = NoiseSchedule(betas)
-    _load_state(schedule, ck.tensors["schedule"], "schedule buffers", ck.path)
-    shape = ck.config.get("sample_shape")
-    return DDPM(net, schedule, ck.config["loss_kind"], tuple(shape) if shape else None).to(device).eval()
-
-
 def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> DDPM:
     "A fresh DDPM for `cfg`: the U-Net preset with its overrides (channels from the data) and the beta schedule."
     net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
@@ -483,7 +268,12 @@ def train(
 ) -> TrainResult:
     "Train a DDPM on `cfg.dataset`: AdamW with warm-up, gradient clipping, EMA, AMP on CUDA, logs, grids and checkpoints."
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):  # one training process per run folder (chapter 09b)
+        return _train(cfg, out, progress, sampler)
+
+
+def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None) -> TrainResult:
+    "The body of `train`, run while holding the folder's lock."
     device, amp_dtype = _device_and_amp(cfg)
     ds = load_dataset(cfg.dataset, image_size=cfg.image_size)
     first = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
@@ -501,8 +291,8 @@ def train(
         _check_resumable(ck.config.get("train"), cfg, ck.path)
         if ck.optimizer is None or not ck.tensors["ema"]:
             raise CheckpointError(f"{str(ck.path)!r} holds no optimiser or EMA state, so training cannot resume from it")
-        _load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
-        _load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
+        load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
+        load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
         try:
             opt.load_state_dict(ck.optimizer)
         except (ValueError, KeyError) as e:
@@ -563,6 +353,13 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(out, ddpm, step, ema=ema, optimizer=opt, scaler=scaler, train_config=cfg)
                 last_ckpt = step
+    except (DiskFullError, OSError) as e:  # a full disk while writing log.csv, a grid or a checkpoint
+        if not isinstance(e, DiskFullError) and e.errno != errno.ENOSPC:
+            raise
+        intact = checkpoint_step(out)
+        kept = (f"the last good checkpoint (step {intact}) is intact: free some space and run again to resume"
+                if intact is not None else "no checkpoint had been written yet")
+        raise DiskFullError(f"the disk holding {str(out)!r} is full (at step {step}); {kept}") from None
     finally:
         bar.close()
     if start >= cfg.steps and progress:

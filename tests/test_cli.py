@@ -1,5 +1,7 @@
 """Tests of ddpm_course.cli: the `ddpm-course` command, in-process through main() and once as the console script."""
 import csv
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -9,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm_course.cli as cli
+from ddpm_course.checkpoint import CheckpointError, load_checkpoint, load_model
 from ddpm_course.cli import build_parser, main, read_samples
 from ddpm_course.data import load_dataset
 from ddpm_course.metrics import evaluate_samples
 from ddpm_course.sampling import sample_ddim
-from ddpm_course.training import load_model
 
 QUICK = ["--sample-every", "10", "--checkpoint-every", "10", "--n-samples", "4", "--log-every", "5", "--no-progress"]
 
@@ -163,15 +166,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", offline)  # offline even where CI has a network
-    for argv, word in [
-        (["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no checkpoint"),
-        (["sample", "--checkpoint", str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "corrupt"),
-        (["sample", "--checkpoint", "pretrained:cats", "--out", str(tmp_path / "o")], "cats"),
-        (["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")], "unknown data set"),
-        (["train", "--dataset", "mnist", "--steps", "1", "--out", str(tmp_path / "r")], "could not download"),
-        (["eval", "--samples", str(tmp_path / "x.npz"), "--dataset", "cifar10"], "no samples file"),
+    for argv, word, status in [
+        (["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no checkpoint", 2),
+        (["sample", "--checkpoint", str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "corrupt", 2),
+        (["sample", "--checkpoint", "pretrained:cats", "--out", str(tmp_path / "o")], "cats", 2),
+        (["sample", "--checkpoint", "pretrained:../pretrained/digits", "--out", str(tmp_path / "o")], "not a path", 2),
+        (["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")], "unknown data set", 2),
+        (["train", "--dataset", "mnist", "--steps", "1", "--out", str(tmp_path / "r")], "could not download", 1),
+        (["eval", "--samples", str(tmp_path / "x.npz"), "--dataset", "cifar10"], "no samples file", 2),
     ]:
-        assert main(argv) == 2, argv
+        assert main(argv) == status, argv
         assert word in error_line(capsys), argv
 
 
@@ -206,3 +210,64 @@ def test_console_script(tmp_path):
     bad = subprocess.run([str(exe), "sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_a_full_disk_says_so_in_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_write_bytes, writes = Path.write_bytes, {"n": 0}
+
+    def fills_up(self, data):
+        writes["n"] += 1
+        if writes["n"] == 2:  # the second checkpoint (step 20)
+            real_write_bytes(self, data[: len(data) // 3])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
+    assert main(["train", "--steps", "30", "--out", str(out), *QUICK]) == 1
+    line = error_line(capsys)
+    assert "disk" in line and "is full (at step 20)" in line and "last good checkpoint (step 10) is intact" in line
+    monkeypatch.undo()
+    assert load_checkpoint(out).step == 10 and not list(out.glob("*.tmp"))
+    assert main(["train", "--steps", "30", "--out", str(out), *QUICK]) == 0
+    assert "resumed from step 10" in capsys.readouterr().out
+
+
+def test_a_second_train_on_the_same_folder_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    hold = "import sys, time\nfrom ddpm_course.checkpoint import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert main(["train", "--steps", "20", "--out", str(out), *QUICK]) == 1
+        assert f"in use by another training process (pid {proc.pid})" in error_line(capsys)
+        assert not (out / "log.csv").exists() and not (out / "model.safetensors").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    bad = ["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]
+    assert main(bad) == 2
+    assert "no checkpoint at" in error_line(capsys)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        main(["--debug", *bad])
+    monkeypatch.setenv("DDPM_COURSE_DEBUG", "1")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        main(bad)
+    monkeypatch.delenv("DDPM_COURSE_DEBUG")
+
+    def a_bug(*args, **kwargs):
+        return torch.zeros(2) @ torch.zeros(3)  # a RuntimeError from inside torch: not the user's fault
+
+    monkeypatch.setattr(cli, "load_model", a_bug)
+    with pytest.raises(RuntimeError):
+        main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])
+
+    def a_deep_value_error(*args, **kwargs):
+        return np.zeros(3).reshape(2)  # a ValueError raised by numpy, not by our checks
+
+    monkeypatch.setattr(cli, "load_model", a_deep_value_error)
+    with pytest.raises(ValueError):
+        main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])

@@ -22,7 +22,7 @@ from ddpm_course.fast import (
     subpixel_kernel,
     upsample_taps,
 )
-from ddpm_course.training import load_model
+from ddpm_course.checkpoint import load_model
 from ddpm_course.unet import UNet
 
 
