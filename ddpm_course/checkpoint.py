@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .ddpm import DDPM, ToyMLP
+from .ddpm import DDPM
 from .fast import make_fast
 from .schedules import NoiseSchedule
-from .unet import SimpleUNet, UNet
+from .unet import SimpleUNet, ToyMLP, UNet
 
 # %% auto #0
 __all__ = ['NETWORKS', 'FORMAT', 'FORMAT_VERSION', 'REQUIRED_FIELDS', 'DDPM_FIELDS', 'GROUPS', 'PRETRAINED_PREFIX', 'LOCK_FILE',
@@ -269,7 +269,7 @@ def read_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> Checkpoi
                                   "the folder mixes files from two checkpoints")
         if on_disk.get("step") != step:
             warnings.warn(f"config.json says step {on_disk.get('step')} but {file.name} holds step {step} "
-                          "(a run stopped between writing the two); using the weights' step")
+                          "(a run stopped between writing the two); using the weights' step", stacklevel=2)
     groups: dict[str, dict[str, Tensor]] = {p: {} for p in GROUPS}
     for key, v in tensors.items():
         prefix = next((p for p in GROUPS if key.startswith(p + ".")), None)

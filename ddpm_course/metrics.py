@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -211,6 +210,7 @@ def prepare_images(images: np.ndarray | torch.Tensor, image_size: int, channels:
             raise ValueError(f"expected a uint8 array N x H x W x C, got {images.dtype} with shape {images.shape}")
         x = from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2))
     elif isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = images.detach().cpu()  # samples may come from a GPU; the metric's arrays live on the CPU
         x = from_uint8(images if images.dtype == torch.uint8 else to_uint8(images))  # same byte rounding as samples
     else:
         raise ValueError(f"expected a uint8 array N x H x W x C or a tensor B x C x H x W, got {type(images).__name__} "
@@ -223,14 +223,15 @@ def prepare_images(images: np.ndarray | torch.Tensor, image_size: int, channels:
 
 @torch.no_grad()
 def extract_features(clf: ImageClassifier, images: np.ndarray | torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    "Features [N, d] (float64) and predicted labels [N] of images (see prepare_images for accepted forms)."
+    "Features [N, d] (float64) and predicted labels [N] of images (see prepare_images for accepted forms), on the classifier's device."
     clf.eval()
     x = prepare_images(images, clf.image_size, clf.config["channels"])
+    device = next(clf.parameters()).device
     feats, labels = [], []
     for xb in x.split(batch_size):
-        f = clf.features(xb)
-        feats.append(f.double())
-        labels.append(clf.head(f).argmax(1))
+        f = clf.features(xb.to(device))
+        feats.append(f.double().cpu())
+        labels.append(clf.head(f).argmax(1).cpu())
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 

@@ -13,71 +13,74 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, DiskFullError, atomic_write, checkpoint_step, load_checkpoint, load_state,
-                                    run_lock, save_checkpoint)
-from .data import image_grid, load_dataset
+                                    network_name, run_lock, save_checkpoint)
+from .data import DATASETS, image_grid, load_dataset
 from .ddpm import DDPM
 from .fast import make_fast
+from .forward import check_int
 from .losses import LOSS_KINDS
 from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
 from .unet import UNET_PRESETS, unet_preset
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'TrainConfig', 'lr_at', 'ema_decay_at',
+__all__ = ['AMP_MODES', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'setting', 'TrainConfig', 'lr_at', 'ema_decay_at',
            'ema_update', 'StepBatchSampler', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log', 'train']
 
 # %% ../nbs/10_training.ipynb #fdf6773c
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
-def _positive_int(name: str, v, minimum: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+def setting(default, help: str, **cli):
+    "A TrainConfig field: its default and its help text, which the command line shows (`choices`; `cli=False` hides it)."
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=dict(help=help, **cli))
+    return field(default=default, metadata=dict(help=help, **cli))
 
 
 @dataclass
 class TrainConfig:
-    "Everything that defines a training run, as plain data (it is saved in config.json)."
-    dataset: str = "digits"  # a name known to `load_dataset`, or a folder of images
-    image_size: int | None = 8  # side of the square images; None: the data set's native size
-    unet: str = "digits"  # a preset name from UNET_PRESETS
-    unet_overrides: dict = field(default_factory=dict)  # UNet constructor arguments that replace the preset's
-    schedule: str = "linear"  # a beta schedule from BETA_SCHEDULES
-    timesteps: int = 1000  # T
-    loss: str = "mse"  # the distance in L_simple: "mse", "l1" or "huber"
-    steps: int = 3000  # optimiser steps in all (a resumed run continues up to this number)
-    batch_size: int = 64
-    lr: float = 1e-3  # peak learning rate of AdamW
-    weight_decay: float = 0.0
-    warmup: int = 200  # steps of linear learning-rate warm-up from 0 to `lr`
-    grad_clip: float | None = 1.0  # clip the gradient's global norm to this; None: no clipping
-    ema_decay: float = 0.999  # decay of the exponential moving average of the weights
-    seed: int = 0  # seeds the weights, the data order, the noise and the sample grids
-    log_every: int = 25  # write a row of log.csv every this many steps
-    sample_every: int = 1000  # write a sample grid every this many steps (and at the end)
-    checkpoint_every: int = 500  # write a checkpoint every this many steps (and at the end)
-    n_samples: int = 64  # images in each sample grid
-    device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"  # mixed precision on CUDA: "auto" (bf16 where supported, else fp16), "bf16", "fp16", "none"
-    num_workers: int = 0  # DataLoader worker processes
+    "Everything that defines a training run, as plain data (saved in config.json); `ddpm-course train` has an option for each field."
+    dataset: str | None = setting("digits", f"a data set name ({', '.join(DATASETS)}) or a folder of images (None: data passed to train())")
+    image_size: int | None = setting(None, "side of the square images; none: the data set's native size (digits: 8)")
+    unet: str | None = setting("digits", "U-Net preset, see UNET_PRESETS (None: a network passed to train())", choices=tuple(UNET_PRESETS))
+    unet_overrides: dict = setting({}, "UNet constructor arguments that replace the preset's", cli=False)
+    schedule: str = setting("linear", "beta schedule", choices=tuple(BETA_SCHEDULES))
+    timesteps: int = setting(1000, "diffusion steps T")
+    loss: str = setting("mse", "distance between predicted and true noise in L_simple", choices=LOSS_KINDS)
+    steps: int = setting(4000, "optimiser steps in all; a resumed run continues up to this number")
+    batch_size: int = setting(64, "images per optimiser step")
+    lr: float = setting(1e-3, "peak learning rate of AdamW (after warm-up)")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
+    warmup: int = setting(200, "steps of linear learning-rate warm-up from 0 to lr")
+    grad_clip: float | None = setting(1.0, "clip the gradient's global norm to this; none: no clipping")
+    ema_decay: float = setting(0.999, "decay of the exponential moving average of the weights, in [0, 1)")
+    seed: int = setting(0, "seeds the weights, the data order, the noise and the sample grids")
+    log_every: int = setting(25, "steps between rows of log.csv")
+    sample_every: int = setting(1000, "steps between sample grids (and one at the end)")
+    checkpoint_every: int = setting(500, "steps between checkpoints (and one at the end)")
+    n_samples: int = setting(64, "images in each sample grid")
+    device: str = setting("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    amp: str = setting("auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16, none", choices=AMP_MODES)
+    num_workers: int = setting(0, "DataLoader worker processes")
 
     def __post_init__(self):
         for name in ("timesteps", "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "n_samples"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("warmup", self.warmup, 0)
-        _positive_int("num_workers", self.num_workers, 0)
-        _positive_int("seed", self.seed, 0)
+            check_int(name, getattr(self, name))
+        check_int("warmup", self.warmup, 0)
+        check_int("num_workers", self.num_workers, 0)
+        check_int("seed", self.seed, 0)
         if self.image_size is not None:
-            _positive_int("image_size", self.image_size)
-        if self.unet not in UNET_PRESETS:
+            check_int("image_size", self.image_size)
+        if self.unet is not None and self.unet not in UNET_PRESETS:
             raise ValueError(f"unet must be a preset in {tuple(UNET_PRESETS)}, got {self.unet!r}")
         if not isinstance(self.unet_overrides, dict):
             raise ValueError(f"unet_overrides must be a dict of UNet arguments, got {type(self.unet_overrides).__name__}")
@@ -89,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -133,9 +138,12 @@ class StepBatchSampler(Sampler):
             step += 1
 
 # %% ../nbs/10_training.ipynb #7d3d06fb
-def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> DDPM:
-    "A fresh DDPM for `cfg`: the U-Net preset with its overrides (channels from the data) and the beta schedule."
-    net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
+def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...], net: nn.Module | None = None) -> DDPM:
+    "A fresh DDPM for `cfg`: `net`, or the U-Net preset with its overrides (channels from the data); the beta schedule."
+    if net is None:
+        if cfg.unet is None:
+            raise ValueError("cfg.unet is None (the network passed to train()), but no network was passed")
+        net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
     schedule = NoiseSchedule(make_beta_schedule(cfg.schedule, cfg.timesteps))
     return DDPM(net, schedule, cfg.loss, sample_shape)
 
@@ -260,25 +268,45 @@ def _write_samples(ema_ddpm: DDPM, cfg: TrainConfig, out: Path, step: int, sampl
     atomic_write(out / "samples.png", lambda p: grid.save(p, format="PNG"))
 
 # %% ../nbs/10_training.ipynb #e55f3b16
+def _own_data(data: Dataset | Tensor) -> Dataset:
+    "A user's training data as a Dataset: a tensor [N, ...] of items (images in [-1, 1]), or a Dataset of tensors or (tensor, label)."
+    if isinstance(data, Tensor):
+        if data.ndim < 2 or not data.is_floating_point():
+            raise ValueError(f"expected a float tensor [N, C, H, W] (or [N, D]) of training items, got {data.dtype} {tuple(data.shape)}")
+        return TensorDataset(data)
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be a torch Dataset or a tensor [N, C, H, W], got {type(data).__name__}")
+    return data
+
+
 def train(
     cfg: TrainConfig,  # the run's settings
     out_dir: str | Path,  # run folder: checkpoint, config.json, log.csv, loss.png, samples.png; a rerun resumes from it
     progress: bool = True,  # a tqdm bar with the loss (short lines when stderr is not a terminal), and a line when resuming
     sampler: Callable[[DDPM, int, int], Tensor] | None = None,  # (ddpm, n, seed) -> images for the grids; None: ddpm.sample
+    data: Dataset | Tensor | None = None,  # your own training data (tensor [N, C, H, W] in [-1, 1], or a Dataset); None: cfg.dataset
+    net: nn.Module | None = None,  # your own noise-prediction network (x, t) -> eps, registered for saving; None: cfg.unet's preset
 ) -> TrainResult:
-    "Train a DDPM on `cfg.dataset`: AdamW with warm-up, gradient clipping, EMA, AMP on CUDA, logs, grids and checkpoints."
+    "Train a DDPM on `data` (or `cfg.dataset`) with `net` (or a U-Net preset): AdamW, warm-up, clipping, EMA, AMP on CUDA, logs, grids, checkpoints."
+    if data is not None:  # the config that is saved says where the data did not come from
+        cfg = replace(cfg, dataset=None, image_size=None)
+    if net is not None:
+        network_name(net)  # fail now, not at the first checkpoint, if it cannot be saved
+        cfg = replace(cfg, unet=None, unet_overrides={})
     out = Path(out_dir)
     with run_lock(out):  # one training process per run folder (chapter 09b)
-        return _train(cfg, out, progress, sampler)
+        return _train(cfg, out, progress, sampler, data, net)
 
 
-def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None, data, net: nn.Module | None) -> TrainResult:
     "The body of `train`, run while holding the folder's lock."
     device, amp_dtype = _device_and_amp(cfg)
-    ds = load_dataset(cfg.dataset, image_size=cfg.image_size)
+    if data is None and cfg.dataset is None:
+        raise ValueError("cfg.dataset is None (the data passed to train()), but no data was passed")
+    ds = _own_data(data) if data is not None else load_dataset(cfg.dataset, image_size=cfg.image_size)
     first = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
     torch.manual_seed(cfg.seed)
-    ddpm = build_ddpm(cfg, tuple(first.shape)).to(device)
+    ddpm = build_ddpm(cfg, tuple(first.shape), net).to(device)
     ema = copy.deepcopy(ddpm.model).requires_grad_(False).eval()
     ema_ddpm = DDPM(ema, ddpm.schedule, cfg.loss, ddpm.sample_shape)
     params = [p for p in ddpm.model.parameters() if p.requires_grad]
@@ -348,7 +376,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None
                 bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 total, count, t0 = 0.0, 0, time.perf_counter()
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                _write_samples(ema_ddpm, cfg, out, step, sampler)
+                if len(ddpm.sample_shape) == 3:  # images (not points of a toy data set)
+                    _write_samples(ema_ddpm, cfg, out, step, sampler)
                 plot_log(out / "log.csv", out / "loss.png")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(out, ddpm, step, ema=ema, optimizer=opt, scaler=scaler, train_config=cfg)

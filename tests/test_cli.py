@@ -54,8 +54,8 @@ def test_help_lists_every_option(capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "--steps", "0"],
-    ["train", "--lr", "-1"],
+    ["train", "--steps", "ten"],
+    ["train", "--grad-clip", "off"],
     ["sample", "--out", "x"],  # --checkpoint missing
     ["sample", "--checkpoint", "pretrained:digits", "--out", "x", "--sampler", "euler"],
     ["eval"],
@@ -67,6 +67,31 @@ def test_bad_arguments_exit_2_without_traceback(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,word", [(["--steps", "0"], "steps must be an int >= 1, got 0"),
+                                       (["--lr", "-1"], "lr must be a positive number"),
+                                       (["--weight-decay", "-0.1"], "weight_decay must be a number >= 0"),
+                                       (["--grad-clip", "0"], "grad_clip must be > 0 or None")])
+def test_train_values_are_checked_by_train_config(argv, word, capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path), *argv]) == 2
+    assert word in error_line(capsys)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_train_options_are_the_train_config_fields():
+    from dataclasses import fields
+
+    from ddpm_course.training import TrainConfig
+
+    p = build_parser()._subparsers._group_actions[0].choices["train"]
+    opts = {a.dest: a for a in p._actions if a.option_strings}
+    for f in fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            assert opts[f.name].default == f.default and opts[f.name].help == f.metadata["help"], f.name
+    args = p.parse_args(["--grad-clip", "none", "--image-size", "16", "--weight-decay", "0.01"])
+    assert args.grad_clip is None and args.image_size == 16 and args.weight_decay == 0.01
+    assert TrainConfig().steps == 4000 and TrainConfig().image_size is None  # the command's defaults, kept
 
 
 def test_train_writes_five_files_resumes_and_says_so(tmp_path, capsys):
@@ -194,10 +219,17 @@ def test_export_keeps_only_ema_weights(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_threads_are_restored(tmp_path):
-    before = torch.get_num_threads()
-    main(["eval", "--samples", str(tmp_path / "none.npz"), "--threads", "1"])
-    assert torch.get_num_threads() == before
+def test_threads_are_restored(tmp_path, monkeypatch):
+    "--threads applies while the command runs and is undone afterwards, also when the command fails."
+    seen = []
+    def read_samples(path):
+        seen.append(torch.get_num_threads())
+        raise FileNotFoundError(f"no samples file at {str(path)!r}")
+
+    monkeypatch.setattr(cli, "read_samples", read_samples)
+    before = torch.get_num_threads()  # 1, set by the conftest fixture: so ask for another number
+    assert main(["eval", "--samples", str(tmp_path / "none.npz"), "--threads", str(before + 1)]) == 2
+    assert seen == [before + 1] and torch.get_num_threads() == before
 
 
 def test_console_script(tmp_path):
@@ -262,12 +294,12 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys
         return torch.zeros(2) @ torch.zeros(3)  # a RuntimeError from inside torch: not the user's fault
 
     monkeypatch.setattr(cli, "load_model", a_bug)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
         main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])
 
     def a_deep_value_error(*args, **kwargs):
         return np.zeros(3).reshape(2)  # a ValueError raised by numpy, not by our checks
 
     monkeypatch.setattr(cli, "load_model", a_deep_value_error)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reshape"):
         main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ddpm_course.blocks import Attention, Block, LinearAttention, Upsample
-from ddpm_course.ddpm import ToyMLP
+from ddpm_course.unet import ToyMLP
 from ddpm_course.fast import (
     FAST_FORMS,
     FastAttention,

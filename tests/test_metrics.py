@@ -10,7 +10,6 @@ from ddpm_course.data import load_dataset, load_digits_with_labels, to_uint8
 from ddpm_course.sampling import sample_ddim
 from ddpm_course.checkpoint import CheckpointError, load_model, pretrained_dir
 from ddpm_course.metrics import (
-    ImageClassifier,
     class_entropy,
     classifier_accuracy,
     classifier_for,

@@ -157,3 +157,87 @@ def test_progress_without_a_terminal_is_short_lines(tmp_path, capsys, monkeypatc
     assert [line.split(",")[0] for line in lines] == [f"training: step {k}/6" for k in want_steps]
     last_logged = float(log_rows(tmp_path)[-1]["loss"])
     assert f", loss {last_logged:.4f}," in lines[-1] and lines[-1].endswith("steps/s")  # the final line has the final loss
+
+
+def test_train_on_your_own_tensors_and_network(tmp_path):
+    "The README's example: a tensor of images in [-1, 1] and a network of your own, in a few lines."
+    from ddpm_course import TrainConfig as TopTrainConfig, UNet, train as top_train
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8) * 2 - 1  # your images, N x C x H x W in [-1, 1]
+    net = UNet(8, dim_mults=(1, 2), channels=1, attn=("none", "none"), mid_attn="none", groups=4)
+    cfg = TopTrainConfig(steps=6, batch_size=16, timesteps=40, log_every=3, sample_every=6, checkpoint_every=3, n_samples=4)
+    result = top_train(cfg, tmp_path, data=x, net=net, progress=False)
+    assert result.step == 6 and result.ddpm.sample(2, seed=0).shape == (2, 1, 8, 8)
+    saved = load_checkpoint(tmp_path).config["train"]
+    assert saved["dataset"] is None and saved["unet"] is None and saved["steps"] == 6
+    again = train(dataclasses.replace(cfg, steps=9), tmp_path, data=x, net=UNet(**net.config), progress=False)
+    assert again.resumed_from == 6 and again.step == 9
+
+
+def test_train_on_a_dataset_of_points_with_the_toy_mlp(tmp_path):
+    from torch.utils.data import Dataset
+
+    from ddpm_course.unet import ToyMLP
+
+    class Ring(Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            a = torch.tensor(2 * torch.pi * i / 40)
+            return torch.stack([a.cos(), a.sin()]), 0  # (item, label): the label is ignored
+
+    result = train(tiny_cfg(steps=4, checkpoint_every=4), tmp_path, data=Ring(), net=ToyMLP(hidden=16, depth=1), progress=False)
+    assert result.ddpm.sample_shape == (2,) and not (tmp_path / "samples.png").exists()
+
+
+def test_bad_own_data_and_unsaveable_networks_fail_at_once(tmp_path):
+    with pytest.raises(ValueError, match=r"expected a float tensor \[N, C, H, W\]"):
+        train(tiny_cfg(), tmp_path, data=torch.zeros(10, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="data must be a torch Dataset or a tensor"):
+        train(tiny_cfg(), tmp_path, data=[1, 2, 3], progress=False)
+    with pytest.raises(CheckpointError, match="not a registered network"):
+        train(tiny_cfg(), tmp_path, data=torch.zeros(32, 1, 8, 8), net=torch.nn.Conv2d(1, 1, 1), progress=False)
+    with pytest.raises(ValueError, match="no data was passed"):
+        train(tiny_cfg(dataset=None), tmp_path, progress=False)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_ema_decay_warms_up_to_its_cap():
+    cfg = TrainConfig(ema_decay=0.999)
+    assert training.ema_decay_at(cfg, 0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update keeps 90% of the model
+    assert training.ema_decay_at(cfg, 90) == pytest.approx(91 / 100)
+    k = 8991  # (1 + k) / (10 + k) first reaches 0.999 at k = 8990
+    assert training.ema_decay_at(cfg, k - 2) < 0.999 and training.ema_decay_at(cfg, k) == 0.999
+    assert training.ema_decay_at(cfg, 10**6) == 0.999
+    assert training.ema_decay_at(TrainConfig(ema_decay=0.0), 5) == 0.0
+    decays = [training.ema_decay_at(cfg, s) for s in range(0, 20000, 7)]
+    assert decays == sorted(decays)  # never decreases
+
+
+def test_step_batches_cross_epochs_the_same_when_resumed():
+    sampler = training.StepBatchSampler(40, 16, seed=3)  # 2 batches per epoch: steps 1-2, 3-4, ...
+    straight = [next(it) for it in [iter(sampler)] for _ in range(9)]
+    assert all(sorted(straight[2 * e] + straight[2 * e + 1]) == sorted(set(straight[2 * e] + straight[2 * e + 1]))
+               for e in range(4))  # no item twice within an epoch
+    assert straight[0] != straight[2]  # each epoch has its own order
+    for start in (1, 2, 5):
+        resumed = iter(training.StepBatchSampler(40, 16, seed=3, start=start))
+        assert [next(resumed) for _ in range(9 - start)] == straight[start:]
+
+
+def test_resume_across_epoch_boundaries_matches_a_straight_run(tmp_path):
+    "40 items, batch 16: an epoch is 2 steps, so stopping at step 3 and resuming to 7 crosses three epoch starts."
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 8, 8) * 2 - 1
+    cfg = tiny_cfg(steps=7, checkpoint_every=3, log_every=1, sample_every=100)
+    train(cfg, tmp_path / "straight", data=x, progress=False)
+    train(dataclasses.replace(cfg, steps=3), tmp_path / "resumed", data=x, progress=False)
+    assert train(cfg, tmp_path / "resumed", data=x, progress=False).resumed_from == 3
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for group in ("model", "ema"):
+        for k in a.tensors[group]:
+            torch.testing.assert_close(a.tensors[group][k], b.tensors[group][k], rtol=1e-6, atol=1e-7)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+    assert drop(log_rows(tmp_path / "resumed")) == drop(log_rows(tmp_path / "straight"))
