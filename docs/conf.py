@@ -88,3 +88,4 @@ def copy_mathjax(app, exception):
 def setup(app):
     app.connect("autodoc-process-docstring", docstring_as_rst)
     app.connect("build-finished", copy_mathjax)
+    app.set_html_assets_policy("always")  # MathJax on every page: chapter titles in the navigation hold math too
