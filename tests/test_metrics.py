@@ -258,3 +258,14 @@ def test_evaluate_samples_uint8(clf):
     assert r.ratio_low > 20  # uniform noise is nothing like a digit
     feats, labels = extract_features(clf, u8[:10])
     assert feats.shape == (10, 64) and feats.dtype == np.float64 and labels.shape == (10,)
+
+
+def test_features_are_computed_on_the_classifiers_device(clf):
+    "extract_features moves the images to the classifier's device (here the CPU, passed explicitly) and returns CPU arrays."
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    f, y = extract_features(clf.to(torch.device("cpu")), x)
+    with torch.no_grad():
+        want = clf.features(prepare_images(x, 8, 1))
+    assert isinstance(f, np.ndarray) and f.dtype == np.float64 and f.shape == (6, clf.config["feature_dim"])
+    np.testing.assert_allclose(f, want.double().numpy(), rtol=1e-6)
+    assert np.array_equal(y, clf.head(want).argmax(1).numpy())

@@ -241,3 +241,16 @@ def test_resume_across_epoch_boundaries_matches_a_straight_run(tmp_path):
             torch.testing.assert_close(a.tensors[group][k], b.tensors[group][k], rtol=1e-6, atol=1e-7)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
     assert drop(log_rows(tmp_path / "resumed")) == drop(log_rows(tmp_path / "straight"))
+
+
+def test_the_device_can_be_passed_explicitly(tmp_path):
+    "Every path that picks a device, given one: training, loading, sampling (on this machine's CPU)."
+    from ddpm_course.checkpoint import load_model
+    from ddpm_course.sampling import sample_ddim
+
+    cpu = torch.device("cpu")
+    assert training._device_and_amp(tiny_cfg(device="cpu", amp="none")) == (cpu, None)
+    result = train(tiny_cfg(device="cpu", amp="none", steps=3, checkpoint_every=3, sample_every=3), tmp_path, progress=False)
+    assert result.ddpm.device == cpu
+    model = load_model(tmp_path, device=cpu)
+    assert next(model.parameters()).device == cpu and sample_ddim(model, 2, steps=3, seed=0).device == cpu
