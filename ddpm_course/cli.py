@@ -104,7 +104,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         base, optional = f.type.split("|")[0].strip(), "None" in f.type
         cast = {"int": int, "float": float, "str": str}[base]
         kind = _none_or(cast) if optional and base != "str" else cast
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default, help=f.metadata["help"],
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"),  # a field without help fails the test of --help
                        choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else METAVARS[base])
 
 

@@ -88,7 +88,7 @@ def test_train_options_are_the_train_config_fields():
     opts = {a.dest: a for a in p._actions if a.option_strings}
     for f in fields(TrainConfig):
         if f.metadata.get("cli", True):
-            assert opts[f.name].default == f.default and opts[f.name].help == f.metadata["help"], f.name
+            assert opts[f.name].default == f.default and opts[f.name].help == f.metadata["help"], f.name  # help is required
     args = p.parse_args(["--grad-clip", "none", "--image-size", "16", "--weight-decay", "0.01"])
     assert args.grad_clip is None and args.image_size == 16 and args.weight_decay == 0.01
     assert TrainConfig().steps == 4000 and TrainConfig().image_size is None  # the command's defaults, kept
