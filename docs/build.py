@@ -154,6 +154,10 @@ def api_page(lib: str, rows: list[tuple[str, str, str]]) -> str:
            f"Every public name of the `{lib}` package, module by module in chapter order, from its docstrings.",
            "Each chapter derives and tests what its module exports.", ""]
     for page, title, module in rows:
+        if module == "__init__":  # the package's front door: its docstring; its names are documented in their modules
+            out += [f"## `{lib}`", "", f"From [{title}]({page}.ipynb).", "",
+                    "```{eval-rst}", f".. automodule:: {lib}", "   :no-members:", "```", ""]
+            continue
         out += [f"## `{lib}.{module}`", "", f"From [{title}]({page}.ipynb).", "",
                 "```{eval-rst}", f".. automodule:: {lib}.{module}", "```", ""]  # autodoc writes reStructuredText
     return "\n".join(out)

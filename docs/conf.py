@@ -90,3 +90,4 @@ def setup(app):
     app.set_html_assets_policy("always")  # MathJax on every page: the navigation has math in chapter titles
     app.connect("autodoc-process-docstring", docstring_as_rst)
     app.connect("build-finished", copy_mathjax)
+    app.set_html_assets_policy("always")  # MathJax on every page: chapter titles in the navigation hold math too
