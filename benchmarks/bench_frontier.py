@@ -21,7 +21,7 @@ import torch
 
 from ddpm_course.metrics import evaluate_samples, load_classifier
 from ddpm_course.solvers import SAMPLERS, network_calls, sample_with
-from ddpm_course.training import load_model
+from ddpm_course.checkpoint import load_model
 
 
 def steps_for(sampler: str, budget: int) -> int:
