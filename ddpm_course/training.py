@@ -365,7 +365,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     "What `train` returns."
-    ddpm: DDPM  # the model with the EMA weights, in eval mode
+    ddpm: DDPM  # the model with the EMA weights (on ranks other than 0, which keep no EMA, the trained ones), in eval mode
     step: int  # optimiser steps done
     resumed_from: int | None  # the checkpoint step this run continued from; None for a fresh run
     last_loss: float | None  # mean loss over the last logging interval of this run
@@ -505,12 +505,12 @@ def train(
         _check_resumable(ck.config.get("train"), cfg, ck.path)
         if ck.optimizer is None or not ck.tensors["ema"]:
             raise CheckpointError(f"{str(ck.path)!r} holds no optimiser or EMA state, so training cannot resume from it")
-        _load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
-        if ema is not None:
-            _load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
         if ck.config.get("world_size", 1) != dp.world_size and has_dropout(ddpm.model):
             raise CheckpointError(f"the run in {str(out)!r} was trained on {ck.config.get('world_size', 1)} processes and "
                                   f"this one has {dp.world_size}; with dropout only the same number resumes exactly")
+        _load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
+        if ema is not None:
+            _load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
         try:
             opt.load_state_dict(ck.optimizer)
         except (ValueError, KeyError) as e:
@@ -526,7 +526,7 @@ def train(
         start = resumed_from = last_ckpt = ck.step
         if progress and dp.is_main:
             tqdm.write(f"resuming from the checkpoint at step {start} in {out}")
-    rows = _read_log(out / "log.csv", start) if dp.is_main else []
+    rows = _read_log(out / "log.csv", start) if dp.is_main else []  # the log is rank 0's
     if dp.is_main:
         _write_csv(out / "log.csv", rows)
 
