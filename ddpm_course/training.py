@@ -351,9 +351,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
     return DDPM(net, schedule, ck.config["loss_kind"], tuple(shape) if shape else None).to(device).eval()
 
 
-def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> DDPM:
-    "A fresh DDPM for `cfg`: the U-Net preset with its overrides (channels from the data) and the beta schedule."
-    net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
+def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...], net: nn.Module | None = None) -> DDPM:
+    "A fresh DDPM for `cfg`: `net`, or the U-Net preset with its overrides (channels from the data); the beta schedule."
+    if net is None:
+        net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
     schedule = NoiseSchedule(make_beta_schedule(cfg.schedule, cfg.timesteps))
     return DDPM(net, schedule, cfg.loss, sample_shape)
 
@@ -534,7 +535,7 @@ def train(
     loader = DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), cfg.batch_size, cfg.seed, start, part),
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
-    trainer = DDPM(data_parallel(ddpm.model, dp), ddpm.schedule, cfg.loss, ddpm.sample_shape)  # all-reduces gradients
+    trainer = build_ddpm(cfg, ddpm.sample_shape, data_parallel(ddpm.model, dp)).to(device)  # the network under DDP (09c)
     bar = _progress(cfg.steps, start, "training", progress and dp.is_main)
     total, count, last_loss, t0 = 0.0, 0, None, time.perf_counter()
     ddpm.train()
