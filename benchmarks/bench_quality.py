@@ -17,7 +17,7 @@ import time
 import torch
 
 from ddpm_course.metrics import load_classifier, sample_and_score
-from ddpm_course.training import load_model
+from ddpm_course.checkpoint import load_model
 
 SAMPLERS = {"ddpm": ("ddpm", 1000), "ddim10": ("ddim", 10), "ddim20": ("ddim", 20), "ddim50": ("ddim", 50), "ddim100": ("ddim", 100)}
 

@@ -6,28 +6,28 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .data import DATASETS, DatasetDownloadError, image_grid, to_uint8
+from .checkpoint import (CheckpointError, DiskFullError, RunLockedError, load_checkpoint, load_model,
+                                    save_checkpoint)
+from .data import DatasetDownloadError, image_grid, to_uint8
 from .distributed import DistContext
-from .losses import LOSS_KINDS
 from .metrics import evaluate_samples
 from .sampling import sample_ddim, sample_ddpm
-from .schedules import BETA_SCHEDULES
-from .training import (AMP_MODES, CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint, load_model,
-                                  save_checkpoint, train)
-from .unet import UNET_PRESETS
+from .training import NonFiniteLossError, TrainConfig, train
 
 # %% auto #0
-__all__ = ['PROG', 'EXAMPLES', 'TRAIN_STEPS', 'GRID_DDIM_STEPS', 'USER_ERRORS', 'cmd_train', 'cmd_sample', 'read_samples',
-           'cmd_eval', 'export_model', 'cmd_export', 'build_parser', 'main']
+__all__ = ['PROG', 'EXAMPLES', 'METAVARS', 'GRID_DDIM_STEPS', 'DEBUG_ENV', 'RUN_ERRORS', 'USER_ERRORS', 'INPUT_ERRORS',
+           'cmd_train', 'cmd_sample', 'read_samples', 'cmd_eval', 'export_model', 'cmd_export', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #37171c4d
 PROG = "ddpm-course"
@@ -81,40 +81,47 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                         "programs share the CPU; more can help larger images on an idle machine")
 
 
-TRAIN_STEPS = 4000  # default of `train --steps`: about 5 minutes on a 2-core CPU; digits FD about 2x the floor
+def _none_or(cast):
+    "An argparse type for an optional setting: 'none' gives None, anything else `cast(s)`."
+    def parse(s: str):
+        if s.lower() == "none":
+            return None
+        try:
+            return cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {cast.__name__} or 'none', got {s!r}") from None
+    parse.__name__ = cast.__name__
+    return parse
+
+
+METAVARS = {"int": "N", "float": "X", "str": "NAME"}
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    "One option per TrainConfig field (--batch-size for batch_size), with the field's default, help and choices."
+    for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        base, optional = f.type.split("|")[0].strip(), "None" in f.type
+        cast = {"int": int, "float": float, "str": str}[base]
+        kind = _none_or(cast) if optional and base != "str" else cast
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"),  # a field without help fails the test of --help
+                       choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else METAVARS[base])
 
 
 def _add_train_parser(sub) -> None:
-    d = TrainConfig()
     p = sub.add_parser(
         "train", formatter_class=_Formatter, help="train a DDPM (default: the offline digits, a few minutes on a CPU)",
         description="Train a DDPM and write into --out: model.safetensors (weights, EMA weights, optimiser state), "
                     "config.json, log.csv (loss per step), loss.png and samples.png (a grid drawn from the EMA weights by DDIM in 50 steps). "
                     "Checkpoints are written as training goes; running the same command again resumes from the last one "
-                    "(only --steps and the logging, sampling and device options may change between runs).",
+                    "(only --steps and the logging, sampling and device options may change between runs). "
+                    "The options and their defaults are the fields of ddpm_course.training.TrainConfig.",
         epilog="examples:\n  ddpm-course train                              # digits at 8x8, the defaults above\n"
                "  ddpm-course train --steps 8000 --out runs/long  # longer\n"
                "  ddpm-course train --dataset path/to/images --image-size 32 --unet blog")
-    p.add_argument("--dataset", default=d.dataset, help=f"a data set name ({', '.join(DATASETS)}) or a folder of images")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/<dataset name>)")
-    p.add_argument("--steps", type=_positive_int, default=TRAIN_STEPS, help="optimiser steps in all; a resumed run continues up to this number")
-    p.add_argument("--image-size", type=_positive_int, default=None, metavar="S", help="side of the square images (default: the data set's native size; digits: 8)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per optimiser step")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate of AdamW (after warm-up)")
-    p.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help="steps of linear learning-rate warm-up")
-    p.add_argument("--ema-decay", type=_nonneg_float, default=d.ema_decay, help="decay of the exponential moving average of the weights")
-    p.add_argument("--unet", choices=tuple(UNET_PRESETS), default=d.unet, help="U-Net preset (see ddpm_course.unet.UNET_PRESETS)")
-    p.add_argument("--schedule", choices=tuple(BETA_SCHEDULES), default=d.schedule, help="beta schedule")
-    p.add_argument("--timesteps", type=_positive_int, default=d.timesteps, help="diffusion steps T")
-    p.add_argument("--loss", choices=LOSS_KINDS, default=d.loss, help="distance between predicted and true noise")
-    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seeds the weights, the data order, the noise and the grids")
-    p.add_argument("--log-every", type=_positive_int, default=d.log_every, help="steps between rows of log.csv")
-    p.add_argument("--sample-every", type=_positive_int, default=d.sample_every, help="steps between sample grids")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--n-samples", type=_positive_int, default=d.n_samples, help="images in each sample grid")
-    p.add_argument("--device", default=d.device, help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="mixed precision on CUDA")
-    p.add_argument("--num-workers", type=_nonneg_int, default=d.num_workers, help="DataLoader worker processes")
+    _add_config_options(p)
     _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_train)
@@ -130,11 +137,7 @@ def _run_name(dataset: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     "Run `ddpm-course train`."
-    cfg = TrainConfig(
-        dataset=args.dataset, image_size=args.image_size, unet=args.unet, schedule=args.schedule, timesteps=args.timesteps,
-        loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
-        seed=args.seed, log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-        n_samples=args.n_samples, device=args.device, amp=args.amp, num_workers=args.num_workers)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("cli", True)})
     out = args.out if args.out is not None else Path("runs") / _run_name(args.dataset)
     t0 = time.perf_counter()
     grid = lambda ddpm, n, seed: sample_ddim(ddpm, n, steps=GRID_DDIM_STEPS, seed=seed)  # 20x cheaper than DDPM's 1000
@@ -260,9 +263,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     "An inference-only copy of a training run: the EMA weights, schedule and config, no optimiser state; log.csv copied."
     ck = load_checkpoint(checkpoint)
     ddpm = load_model(checkpoint)  # EMA weights
-    train_cfg = ck.config.get("train")
     out = Path(out_dir)
-    path = save_checkpoint(out, ddpm, ck.step, train_config=TrainConfig(**train_cfg) if train_cfg else None)
+    path = save_checkpoint(out, ddpm, ck.step, train_config=ck.config.get("train"))
     log = ck.path.with_name("log.csv")
     if log.is_file() and log.resolve() != (out / "log.csv").resolve():
         shutil.copyfile(log, out / "log.csv")
@@ -295,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sample and evaluate denoising diffusion probabilistic models (the ddpm-course package). "
                     "Run `ddpm-course COMMAND --help` for each command's options.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the full traceback of every error, not only of bugs (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
     _add_sample_parser(sub)
@@ -303,20 +307,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ValueError, OSError, CheckpointError, DatasetDownloadError, NonFiniteLossError)
+DEBUG_ENV = "DDPM_COURSE_DEBUG"  # set to 1 for tracebacks of user errors too
+RUN_ERRORS = (NonFiniteLossError, DiskFullError, RunLockedError, DatasetDownloadError)  # exit 1: the run could not go on
+USER_ERRORS = (CheckpointError, OSError)  # exit 2: a checkpoint or a file cannot be used as asked
+INPUT_ERRORS = (ValueError,)  # exit 2 when raised by the package's own checks; from deeper down (torch, numpy) a bug
+
+
+def _raised_here(e: BaseException) -> bool:
+    "Whether the innermost frame of e's traceback is code of this package (one of its checks), or of the running script."
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module == "__main__" or module.split(".")[0] == "ddpm_course"
+
+
+def _exit_status(e: BaseException) -> int | None:
+    "1 or 2 for an error the user can act on (reported in one line); None for a bug (shown with its traceback)."
+    if isinstance(e, RUN_ERRORS):
+        return 1
+    if isinstance(e, USER_ERRORS) or (isinstance(e, INPUT_ERRORS) and _raised_here(e)):
+        return 2
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `ddpm-course` console script; returns the exit status (2 for a user error, with a one-line message)."
+    "Entry point of the `ddpm-course` console script; returns the exit status (2 or 1 for a user error, with a one-line message)."
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(getattr(args, "threads", threads))
         return args.func(args)
-    except USER_ERRORS as e:
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+        return status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted" + ("; run the same command again to resume from the last checkpoint" if args.command == "train" else ""),
               file=sys.stderr)

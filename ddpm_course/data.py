@@ -15,10 +15,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .forward import check_int
+
 # %% auto #0
 __all__ = ['DATASETS', 'NATIVE_SIZES', 'IMAGE_EXTENSIONS', 'SPLITS', 'DIGITS_TEST_SIZE', 'TOY_2D', 'from_uint8', 'to_uint8',
            'ImageTensorDataset', 'load_digits_with_labels', 'ImageFolderDataset', 'DatasetDownloadError',
-           'default_root', 'load_dataset', 'get_dataloader', 'image_grid', 'make_toy_2d']
+           'default_root', 'load_dataset', 'get_dataloader', 'image_grid', 'make_toy_2d', 'load_sample_photo']
 
 # %% ../nbs/05_data.ipynb #dc891adc
 def from_uint8(u: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
@@ -48,8 +50,7 @@ def _check_split(split: str) -> None:
 
 
 def _check_size(image_size: int) -> None:
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    check_int("image_size", image_size)
 
 # %% ../nbs/05_data.ipynb #1a626ac0
 class ImageTensorDataset(Dataset):
@@ -324,3 +325,18 @@ def make_toy_2d(
         raise ValueError(f"unknown 2-D toy {name!r}: expected one of {TOY_2D}")
     pts = (pts - pts.mean(0)) / pts.std(0)
     return torch.from_numpy(pts.astype(np.float32))
+
+# %% ../nbs/05_data.ipynb #7b9000d6
+def load_sample_photo(size: int = 64) -> torch.Tensor:
+    "matplotlib's bundled photo of Grace Hopper, centre-cropped to a square, as a [3, size, size] float tensor in [-1, 1]."
+    check_int("size", size)
+    import matplotlib.cbook  # only here: importing this module does not import matplotlib
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        img = Image.open(f).convert("RGB")
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return x / 127.5 - 1

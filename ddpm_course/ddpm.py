@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable
 
 import torch
@@ -14,14 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .embeddings import TimeMLP
-from .forward import extract
+from .forward import check_int, extract, noise_like
 from .losses import LOSS_KINDS, loss_simple
 from .schedules import NoiseSchedule, linear_beta_schedule
+from .unet import ToyMLP
 
 # %% auto #0
 __all__ = ['VARIANCES', 'p_mean_variance_from_eps', 'ddpm_step', 'eval_mode', 'DDPM', 'GaussianEps', 'gaussian_reverse_moments',
-           'ToyMLP', 'train_toy', 'sliced_wasserstein']
+           'train_toy', 'sliced_wasserstein']
 
 # %% ../nbs/09_ddpm.ipynb #d1c81752
 VARIANCES = ("fixed_small", "fixed_large")
@@ -31,14 +30,7 @@ def _timestep_batch(t: int | Tensor, batch_size: int, num_timesteps: int, device
     "`t` as a LongTensor [batch_size]: an int is repeated (after a range check), a 1-D tensor is passed on."
     if isinstance(t, Tensor) and t.ndim == 1:
         return t.to(device)
-    if isinstance(t, Tensor) and t.ndim == 0 and not t.is_floating_point():
-        t = int(t)
-    try:
-        t = operator.index(t)
-    except TypeError:
-        raise ValueError(f"t must be an int or a LongTensor [B] of timesteps, got {type(t).__name__}") from None
-    if not 0 <= t < num_timesteps:
-        raise ValueError(f"t must lie in 0..{num_timesteps - 1} (0-based timesteps), got {t}")
+    t = check_int("t", t, 0, num_timesteps - 1, "(0-based timesteps; or a LongTensor [B])")
     return torch.full((batch_size,), t, dtype=torch.long, device=device)
 
 
@@ -81,11 +73,7 @@ def ddpm_step(
     mean, var, _ = p_mean_variance_from_eps(s, eps, t, xt, clip_x0, variance)
     if int(t) == 0:
         return mean
-    if noise is None:  # drawn in the batch's shape, not like `xt`: one seed, one result, whatever xt's memory layout
-        noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
-    elif noise.shape != xt.shape:
-        raise ValueError(f"noise must have the shape of xt {list(xt.shape)}, got {list(noise.shape)}")
-    return mean + var.sqrt() * noise
+    return mean + var.sqrt() * noise_like(xt, noise, generator, "xt")
 
 # %% ../nbs/09_ddpm.ipynb #5ae397cc
 @contextlib.contextmanager
@@ -236,26 +224,6 @@ def gaussian_reverse_moments(
         means.append(m)
         variances.append(v)
     return torch.stack(means), torch.stack(variances)
-
-# %% ../nbs/09_ddpm.ipynb #36700432
-class ToyMLP(nn.Module):
-    "A small residual MLP eps_theta(x, t) for low-dimensional toy data, told the timestep through a `TimeMLP`."
-
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, emb_dim: int = 64):
-        super().__init__()
-        self.config = dict(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
-        self.time = TimeMLP(emb_dim, hidden)
-        self.inp = nn.Linear(dim, hidden)
-        self.t_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb, h = self.time(t), self.inp(x)
-        for proj, block in zip(self.t_proj, self.blocks):
-            h = h + block(h + proj(emb))
-        return self.out(h)
 
 # %% ../nbs/09_ddpm.ipynb #1bdebf30
 def train_toy(

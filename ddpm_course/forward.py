@@ -5,14 +5,11 @@
 # %% ../nbs/01_forward_process.ipynb #6d3b3000
 from __future__ import annotations
 
-import matplotlib.cbook
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_betas', 'check_timesteps', 'check_broadcast', 'extract', 'q_step', 'q_sample', 'load_sample_photo']
+__all__ = ['check_betas', 'check_timesteps', 'check_int', 'noise_like', 'check_broadcast', 'extract', 'q_step', 'q_sample']
 
 # %% ../nbs/01_forward_process.ipynb #f37967b8
 def check_betas(betas: Tensor) -> Tensor:
@@ -40,9 +37,35 @@ def check_timesteps(t: Tensor, num_timesteps: int, batch_size: int | None = None
     if t.ndim != 1 or (batch_size is not None and t.shape[0] != batch_size):
         want = f"[{batch_size}] (one timestep per batch element)" if batch_size is not None else "[B]"
         raise ValueError(f"t must be a 1-D tensor of shape {want}, got shape {list(t.shape)}")
-    if t.numel() and (t.min() < 0 or t.max() >= num_timesteps):
+    if t.numel() and t.device.type == "cpu" and (t.min() < 0 or t.max() >= num_timesteps):  # see below: not on a GPU
         raise ValueError(f"t must lie in 0..{num_timesteps - 1} (0-based timesteps), "
                          f"got values from {t.min().item()} to {t.max().item()}")
+
+# %% ../nbs/01_forward_process.ipynb #b866bf2c
+def check_int(
+    name: str,  # the argument's name, for the message
+    v,  # the value: an int, or an integer tensor with one element
+    minimum: int = 1,
+    maximum: int | None = None,  # None: no upper bound
+    hint: str = "",  # appended to the message, e.g. "(0-based timesteps)"
+) -> int:
+    "`v` as a Python int in minimum..maximum, or a ValueError naming `name`, the range and the value."
+    if isinstance(v, Tensor) and v.numel() == 1 and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+        v = v.item()
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum and (maximum is None or v <= maximum)
+    if not ok:
+        where = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an int {where}{' ' + hint if hint else ''}, got {v!r}")
+    return v
+
+
+def noise_like(x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None, name: str = "x") -> Tensor:
+    "Standard normal noise in the shape of `x` (drawn from `generator`), or `noise` after checking its shape."
+    if noise is None:  # the batch's shape, not randn_like: one seed, one result, whatever x's memory layout
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise must have the shape of {name} {list(x.shape)}, got {list(noise.shape)}")
+    return noise
 
 # %% ../nbs/01_forward_process.ipynb #41a187a9
 def check_broadcast(**tensors: Tensor) -> torch.Size:
@@ -62,19 +85,10 @@ def extract(a: Tensor, t: Tensor, x_shape: tuple[int, ...] | torch.Size) -> Tens
     check_timesteps(t, a.shape[0], x_shape[0])
     return a.gather(0, t.to(a.device)).reshape(x_shape[0], *((1,) * (len(x_shape) - 1)))
 
-# %% ../nbs/01_forward_process.ipynb #d9c79d00
-def _noise_like(x: Tensor, noise: Tensor | None) -> Tensor:
-    "Fresh standard normal noise shaped like `x`, or `noise` after checking its shape."
-    if noise is None:
-        return torch.randn_like(x)
-    if noise.shape != x.shape:
-        raise ValueError(f"noise must have the shape of x, {list(x.shape)}, got {list(noise.shape)}")
-    return noise
-
 # %% ../nbs/01_forward_process.ipynb #6dfdc8f9
 def q_step(x_prev: Tensor, t: Tensor, betas: Tensor, noise: Tensor | None = None) -> Tensor:
     "One forward step at 0-based timesteps `t`: x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."
-    noise = _noise_like(x_prev, noise)
+    noise = noise_like(x_prev, noise, name="x_prev")
     betas = betas.to(x_prev)
     return extract((1 - betas).sqrt(), t, x_prev.shape) * x_prev + extract(betas.sqrt(), t, x_prev.shape) * noise
 
@@ -82,19 +96,5 @@ def q_step(x_prev: Tensor, t: Tensor, betas: Tensor, noise: Tensor | None = None
 def q_sample(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
              noise: Tensor | None = None) -> Tensor:
     "Sample x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I) at 0-based timesteps `t`, in one go."
-    noise = _noise_like(x0, noise)
+    noise = noise_like(x0, noise, name="x0")
     return extract(sqrt_alphas_cumprod, t, x0.shape) * x0 + extract(sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
-
-# %% ../nbs/01_forward_process.ipynb #7b9000d6
-def load_sample_photo(size: int = 64) -> Tensor:
-    "matplotlib's bundled photo of Grace Hopper, centre-cropped to a square, as a [3, size, size] float tensor in [-1, 1]."
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        img = Image.open(f).convert("RGB")
-        w, h = img.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-    return x / 127.5 - 1

@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import check_betas, check_broadcast, extract, q_sample
+from .forward import check_betas, check_broadcast, check_int, extract, q_sample
 from .posterior import (posterior_log_variance_clipped, posterior_mean, posterior_mean_coefs,
                                    predict_x0_from_eps)
 
@@ -45,8 +45,7 @@ def eps_loss_weight(betas: Tensor, variances: Tensor) -> Tensor:
 # %% ../nbs/03_objective.ipynb #43ac573b
 def _check_levels(levels: int) -> None:
     "Raise unless the number of data values is an int >= 2."
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    check_int("levels", levels, 2)
 
 
 def discretized_gaussian_log_likelihood(
@@ -139,8 +138,8 @@ def variational_bound(
     T = len(b)
     if T < 2:
         raise ValueError(f"the bound needs a schedule of T >= 2 steps, got T = {T}")
-    if num_strata is not None and (isinstance(num_strata, bool) or not isinstance(num_strata, int) or not 1 <= num_strata < T):
-        raise ValueError(f"num_strata must be None or an int in 1..{T - 1}, got {num_strata!r}")
+    if num_strata is not None:
+        check_int("num_strata", num_strata, 1, T - 1, "(or None)")
     dev, B, sum_dims = x0.device, x0.shape[0], tuple(range(1, x0.ndim))
     x = x0.to(torch.float64)
     ac = torch.cumprod(1 - b, 0).to(dev)

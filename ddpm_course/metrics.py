@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,10 +17,10 @@ import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
+from .checkpoint import PRETRAINED_PREFIX, load_network, pretrained_dir, register_network, save_network
 from .data import from_uint8, get_dataloader, load_dataset, to_uint8
 from .ddpm import DDPM
 from .sampling import sample_ddim, sample_ddpm
-from .training import PRETRAINED_PREFIX, atomic_write, pretrained_dir, resolve_checkpoint
 
 # %% auto #0
 __all__ = ['gaussian_stats', 'frechet_distance', 'feature_frechet_distance', 'ImageClassifier', 'shift_augment',
@@ -115,34 +114,18 @@ def shift_augment(x: torch.Tensor, max_shift: int = 1, generator: torch.Generato
     return p[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 # %% ../nbs/12_evaluation.ipynb #94ca74d2
-def save_classifier(clf: ImageClassifier, out_dir: str | Path, info: dict | None = None) -> Path:
-    "Write model.safetensors and config.json (model settings plus `info`) into out_dir."
-    from safetensors.torch import save_file
+register_network(ImageClassifier)  # chapter 09b's format rebuilds it from its config
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() for k, v in clf.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
-    config = json.dumps({"model": clf.config, **(info or {})}, indent=2) + "\n"
-    atomic_write(out / "config.json", lambda p: p.write_text(config))
-    return out
+
+def save_classifier(clf: ImageClassifier, out_dir: str | Path, info: dict | None = None, step: int = 0) -> Path:
+    "Write model.safetensors and config.json (chapter 09b's format; `info` and the training `step` in the config) into out_dir."
+    save_network(clf, out_dir, step, info)
+    return Path(out_dir)
 
 
 def load_classifier(path: str | Path = "pretrained:digits_classifier") -> ImageClassifier:
     "An ImageClassifier in eval mode from a folder written by save_classifier (or pretrained:<name>)."
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = resolve_checkpoint(path)
-    for f in ("config.json", "model.safetensors"):
-        if not (folder / f).is_file():
-            raise FileNotFoundError(f"no classifier checkpoint at {str(path)!r}: expected a folder with config.json and model.safetensors, {f} is missing")
-    try:
-        clf = ImageClassifier(**json.loads((folder / "config.json").read_text())["model"])
-        clf.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise ValueError(f"corrupt classifier checkpoint in {str(folder)!r} ({type(e).__name__}: {e})") from e
-    return clf.eval()
+    return load_network(path, ImageClassifier)
 
 # %% ../nbs/12_evaluation.ipynb #e333669b
 def _n_classes(ds) -> int:
@@ -211,7 +194,7 @@ def train_classifier(
     if out_dir is not None:
         info = dict(dataset=dataset, test_accuracy=round(acc, 4), seconds=round(time.time() - t0, 1),
                     training=dict(steps=steps, batch_size=batch_size, lr=lr, max_shift=max_shift, seed=seed))
-        out = save_classifier(clf, out_dir, info)
+        out = save_classifier(clf, out_dir, info, steps)
         with open(out / "log.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(log[0]))
             w.writeheader()
@@ -227,6 +210,7 @@ def prepare_images(images: np.ndarray | torch.Tensor, image_size: int, channels:
             raise ValueError(f"expected a uint8 array N x H x W x C, got {images.dtype} with shape {images.shape}")
         x = from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2))
     elif isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = images.detach().cpu()  # samples may come from a GPU; the metric's arrays live on the CPU
         x = from_uint8(images if images.dtype == torch.uint8 else to_uint8(images))  # same byte rounding as samples
     else:
         raise ValueError(f"expected a uint8 array N x H x W x C or a tensor B x C x H x W, got {type(images).__name__} "
@@ -239,14 +223,15 @@ def prepare_images(images: np.ndarray | torch.Tensor, image_size: int, channels:
 
 @torch.no_grad()
 def extract_features(clf: ImageClassifier, images: np.ndarray | torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    "Features [N, d] (float64) and predicted labels [N] of images (see prepare_images for accepted forms)."
+    "Features [N, d] (float64) and predicted labels [N] of images (see prepare_images for accepted forms), on the classifier's device."
     clf.eval()
     x = prepare_images(images, clf.image_size, clf.config["channels"])
+    device = next(clf.parameters()).device
     feats, labels = [], []
     for xb in x.split(batch_size):
-        f = clf.features(xb)
-        feats.append(f.double())
-        labels.append(clf.head(f).argmax(1))
+        f = clf.features(xb.to(device))
+        feats.append(f.double().cpu())
+        labels.append(clf.head(f).argmax(1).cpu())
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 

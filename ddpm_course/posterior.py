@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .forward import check_betas, check_broadcast, extract, q_sample, q_step
+from .forward import check_betas, check_broadcast, extract
 
 # %% auto #0
 __all__ = ['alphas_cumprod_prev', 'posterior_variance', 'posterior_mean_coefs', 'posterior_mean',

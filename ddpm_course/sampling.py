@@ -5,8 +5,6 @@
 # %% ../nbs/11_sampling.ipynb #f68f57e0
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +13,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .ddpm import DDPM, ddpm_step, eval_mode
+from .forward import check_int, noise_like
 from .schedules import NoiseSchedule
 
 # %% auto #0
@@ -24,16 +23,6 @@ __all__ = ['SPACINGS', 'ddim_step', 'ddim_timesteps', 'sample_ddpm', 'sample_ddi
 _all_ = ["ddpm_step"]
 
 # %% ../nbs/11_sampling.ipynb #ee3b5bd1
-def _int(name: str, v) -> int:
-    "`v` as a Python int, or a ValueError naming it."
-    if isinstance(v, Tensor) and v.ndim == 0 and not v.is_floating_point():
-        v = v.item()
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {type(v).__name__}") from None
-
-
 def ddim_step(
     s: NoiseSchedule,  # the noise schedule the model was trained with
     eps: Tensor,  # predicted noise in `xt`
@@ -48,11 +37,8 @@ def ddim_step(
     generator: torch.Generator | None = None,  # draws the noise when it is needed and not given; None: torch's global generator
 ) -> Tensor:
     "One DDIM step x_t -> x_{t_prev}: sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps + sigma z."
-    t, t_prev = _int("t", t), _int("t_prev", t_prev)
-    if not 0 <= t < s.num_timesteps:
-        raise ValueError(f"t must lie in 0..{s.num_timesteps - 1}, got {t}")
-    if not -1 <= t_prev < t:
-        raise ValueError(f"t_prev must lie in -1..t-1 = -1..{t - 1} (-1: the final step), got {t_prev}")
+    t = check_int("t", t, 0, s.num_timesteps - 1, "(0-based timesteps)")
+    t_prev = check_int("t_prev", t_prev, -1, t - 1, "(-1..t-1; -1: the final step)")
     if eps.shape != xt.shape:
         raise ValueError(f"eps must have the shape of xt {list(xt.shape)}, got {list(eps.shape)}")
     if not eta >= 0:
@@ -64,17 +50,15 @@ def ddim_step(
         eps = s.predict_eps(xt, tb, x0)
     # sqrt(ab) and sqrt(1 - ab) from the schedule's buffers (computed in float64): 1 - ab in float32 loses digits near ab = 1
     to_prev = t_prev if t_prev >= 0 or not set_alpha_to_one else None
-    sa_t, sb_t = float(s.sqrt_alphas_cumprod[t]), float(s.sqrt_one_minus_alphas_cumprod[t])
-    sa_prev, sb_prev = (1.0, 0.0) if to_prev is None else (float(s.sqrt_alphas_cumprod[max(to_prev, 0)]),
-                                                           float(s.sqrt_one_minus_alphas_cumprod[max(to_prev, 0)]))
-    sigma = eta * sb_prev / sb_t * math.sqrt(max(1 - (sa_t / sa_prev) ** 2, 0.0))
-    x = sa_prev * x0 + math.sqrt(max(sb_prev**2 - sigma**2, 0.0)) * eps
-    if sigma > 0:
-        if noise is None:  # the batch's shape, not randn_like: one seed, one result, whatever xt's memory layout
-            noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
-        elif noise.shape != xt.shape:
-            raise ValueError(f"noise must have the shape of xt {list(xt.shape)}, got {list(noise.shape)}")
-        x = x + sigma * noise
+    # 0-d tensors on the schedule's device, not Python floats: float() of a GPU tensor would wait for the GPU every step
+    one, zero = s.sqrt_alphas_cumprod.new_ones(()), s.sqrt_alphas_cumprod.new_zeros(())
+    sa_t, sb_t = s.sqrt_alphas_cumprod[t], s.sqrt_one_minus_alphas_cumprod[t]
+    sa_prev, sb_prev = (one, zero) if to_prev is None else (s.sqrt_alphas_cumprod[max(to_prev, 0)],
+                                                          s.sqrt_one_minus_alphas_cumprod[max(to_prev, 0)])
+    sigma = eta * sb_prev / sb_t * (1 - (sa_t / sa_prev) ** 2).clamp(min=0).sqrt()
+    x = sa_prev * x0 + (sb_prev**2 - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and to_prev is not None:  # sigma > 0: draw only then, so a deterministic step leaves the generator alone
+        x = x + sigma * noise_like(xt, noise, generator, "xt")
     return x
 
 # %% ../nbs/11_sampling.ipynb #ed2c38d1
@@ -85,8 +69,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") ->
     "The `steps` timesteps (descending) a DDIM sampler visits out of 0..num_timesteps-1."
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be an int in 1..{num_timesteps} (the number of training timesteps), got {steps!r}")
+    check_int("steps", steps, 1, num_timesteps, "(the number of training timesteps)")
     if spacing == "trailing":  # ends exactly at T-1, where training saw pure noise
         ts = np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)).astype(np.int64) - 1
     elif spacing == "leading":  # DDIM paper and diffusers' default: 0, k, 2k, ... with k = T // steps
@@ -100,8 +83,7 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
     "Slices that cover range(n) in pieces of at most `batch_size` (all of it when None)."
     if batch_size is None:
         return [slice(0, n)]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1, hint="(or None)")
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
@@ -192,9 +174,7 @@ def interpolate_diffusion(
     "Ho et al.'s interpolation: noise both images to step t, mix, denoise with DDPM steps; returns [len(weights), B, ...]."
     if x0_a.shape != x0_b.shape:
         raise ValueError(f"x0_a and x0_b must have the same shape, got {list(x0_a.shape)} and {list(x0_b.shape)}")
-    t = _int("t", t)
-    if not 0 <= t < ddpm.num_timesteps:
-        raise ValueError(f"t must lie in 0..{ddpm.num_timesteps - 1}, got {t}")
+    t = check_int("t", t, 0, ddpm.num_timesteps - 1, "(0-based timesteps)")
     s, n, dev = ddpm.schedule, len(weights), ddpm.device
     g = torch.Generator(dev).manual_seed(seed)
     x0_a, x0_b = x0_a.to(dev), x0_b.to(dev)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .forward import check_betas, extract, q_sample
+from .forward import check_betas, check_int, extract, q_sample
 from .posterior import (alphas_cumprod_prev, posterior_log_variance_clipped, posterior_mean,
                                    posterior_mean_coefs, posterior_variance, predict_eps_from_x0,
                                    predict_x0_from_eps)
@@ -21,9 +21,8 @@ __all__ = ['BETA_SCHEDULES', 'linear_beta_schedule', 'cosine_beta_schedule', 'qu
 
 # %% ../nbs/04_schedules.ipynb #97a6b0ba
 def _check_num_timesteps(T: int) -> None:
-    "Raise unless T is an int >= 1."
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"the number of timesteps T must be an int >= 1, got {T!r}")
+    "Raise unless T is an int >= 1 (chapter 01's `check_int`)."
+    check_int("the number of timesteps T", T)
 
 def _check_beta_range(beta_start: float, beta_end: float) -> None:
     "Raise unless 0 < beta_start <= beta_end < 1."

@@ -5,85 +5,84 @@
 # %% ../nbs/10_training.ipynb #e259756b
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import errno
 import json
 import math
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from importlib.resources import files
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm import tqdm
 
-from .data import image_grid, load_dataset
-from .ddpm import DDPM, ToyMLP
+from .checkpoint import (CheckpointError, DiskFullError, atomic_write, checkpoint_step, load_checkpoint, load_state,
+                                    network_name, run_lock, save_checkpoint)
+from .data import DATASETS, image_grid, load_dataset
+from .ddpm import DDPM
 from .distributed import DistContext, data_parallel, has_dropout
 from .fast import make_fast
+from .forward import check_int
 from .losses import LOSS_KINDS
 from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
-from .unet import UNET_PRESETS, UNet, unet_preset
+from .unet import UNET_PRESETS, unet_preset
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'FORMAT', 'FORMAT_VERSION', 'NETS', 'PRETRAINED_PREFIX', 'RESUMABLE_FIELDS', 'LOG_FIELDS',
-           'PROGRESS_EVERY_S', 'TrainConfig', 'lr_at', 'ema_decay_at', 'ema_update', 'StepBatchSampler',
-           'CheckpointError', 'atomic_write', 'Checkpoint', 'save_checkpoint', 'pretrained_dir', 'resolve_checkpoint',
-           'load_checkpoint', 'build_net', 'load_model', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log',
-           'train']
+__all__ = ['AMP_MODES', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'setting', 'TrainConfig', 'lr_at', 'ema_decay_at',
+           'ema_update', 'StepBatchSampler', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log', 'train']
 
 # %% ../nbs/10_training.ipynb #fdf6773c
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
-def _positive_int(name: str, v, minimum: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+def setting(default, help: str, **cli):
+    "A TrainConfig field: its default and its help text, which the command line shows (`choices`; `cli=False` hides it)."
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=dict(help=help, **cli))
+    return field(default=default, metadata=dict(help=help, **cli))
 
 
 @dataclass
 class TrainConfig:
-    "Everything that defines a training run, as plain data (it is saved in config.json)."
-    dataset: str = "digits"  # a name known to `load_dataset`, or a folder of images
-    image_size: int | None = 8  # side of the square images; None: the data set's native size
-    unet: str = "digits"  # a preset name from UNET_PRESETS
-    unet_overrides: dict = field(default_factory=dict)  # UNet constructor arguments that replace the preset's
-    schedule: str = "linear"  # a beta schedule from BETA_SCHEDULES
-    timesteps: int = 1000  # T
-    loss: str = "mse"  # the distance in L_simple: "mse", "l1" or "huber"
-    steps: int = 3000  # optimiser steps in all (a resumed run continues up to this number)
-    batch_size: int = 64
-    lr: float = 1e-3  # peak learning rate of AdamW
-    weight_decay: float = 0.0
-    warmup: int = 200  # steps of linear learning-rate warm-up from 0 to `lr`
-    grad_clip: float | None = 1.0  # clip the gradient's global norm to this; None: no clipping
-    ema_decay: float = 0.999  # decay of the exponential moving average of the weights
-    seed: int = 0  # seeds the weights, the data order, the noise and the sample grids
-    log_every: int = 25  # write a row of log.csv every this many steps
-    sample_every: int = 1000  # write a sample grid every this many steps (and at the end)
-    checkpoint_every: int = 500  # write a checkpoint every this many steps (and at the end)
-    n_samples: int = 64  # images in each sample grid
-    device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"  # mixed precision on CUDA: "auto" (bf16 where supported, else fp16), "bf16", "fp16", "none"
-    num_workers: int = 0  # DataLoader worker processes
+    "Everything that defines a training run, as plain data (saved in config.json); `ddpm-course train` has an option for each field."
+    dataset: str | None = setting("digits", f"a data set name ({', '.join(DATASETS)}) or a folder of images (None: data passed to train())")
+    image_size: int | None = setting(None, "side of the square images; none: the data set's native size (digits: 8)")
+    unet: str | None = setting("digits", "U-Net preset, see UNET_PRESETS (None: a network passed to train())", choices=tuple(UNET_PRESETS))
+    unet_overrides: dict = setting({}, "UNet constructor arguments that replace the preset's", cli=False)
+    schedule: str = setting("linear", "beta schedule", choices=tuple(BETA_SCHEDULES))
+    timesteps: int = setting(1000, "diffusion steps T")
+    loss: str = setting("mse", "distance between predicted and true noise in L_simple", choices=LOSS_KINDS)
+    steps: int = setting(4000, "optimiser steps in all; a resumed run continues up to this number")
+    batch_size: int = setting(64, "images per optimiser step")
+    lr: float = setting(1e-3, "peak learning rate of AdamW (after warm-up)")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
+    warmup: int = setting(200, "steps of linear learning-rate warm-up from 0 to lr")
+    grad_clip: float | None = setting(1.0, "clip the gradient's global norm to this; none: no clipping")
+    ema_decay: float = setting(0.999, "decay of the exponential moving average of the weights, in [0, 1)")
+    seed: int = setting(0, "seeds the weights, the data order, the noise and the sample grids")
+    log_every: int = setting(25, "steps between rows of log.csv")
+    sample_every: int = setting(1000, "steps between sample grids (and one at the end)")
+    checkpoint_every: int = setting(500, "steps between checkpoints (and one at the end)")
+    n_samples: int = setting(64, "images in each sample grid")
+    device: str = setting("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    amp: str = setting("auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16, none", choices=AMP_MODES)
+    num_workers: int = setting(0, "DataLoader worker processes")
 
     def __post_init__(self):
         for name in ("timesteps", "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "n_samples"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("warmup", self.warmup, 0)
-        _positive_int("num_workers", self.num_workers, 0)
-        _positive_int("seed", self.seed, 0)
+            check_int(name, getattr(self, name))
+        check_int("warmup", self.warmup, 0)
+        check_int("num_workers", self.num_workers, 0)
+        check_int("seed", self.seed, 0)
         if self.image_size is not None:
-            _positive_int("image_size", self.image_size)
-        if self.unet not in UNET_PRESETS:
+            check_int("image_size", self.image_size)
+        if self.unet is not None and self.unet not in UNET_PRESETS:
             raise ValueError(f"unet must be a preset in {tuple(UNET_PRESETS)}, got {self.unet!r}")
         if not isinstance(self.unet_overrides, dict):
             raise ValueError(f"unet_overrides must be a dict of UNet arguments, got {type(self.unet_overrides).__name__}")
@@ -95,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -139,221 +140,12 @@ class StepBatchSampler(Sampler):
             yield perm[i * self.batch_size:(i + 1) * self.batch_size][self.shard].tolist()
             step += 1
 
-# %% ../nbs/10_training.ipynb #b3adec02
-class CheckpointError(RuntimeError):
-    "A checkpoint is missing, truncated, not ours, or does not fit the model."
-
-
-FORMAT = "ddpm-course-checkpoint"
-FORMAT_VERSION = 1
-NETS: dict[str, type[nn.Module]] = {"UNet": UNet, "ToyMLP": ToyMLP}
-
-
-def _fsync_dir(folder: Path) -> None:
-    "Make a rename inside `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    "Call write(tmp) for `path`.tmp in the same folder, fsync it, then rename it over `path` in one step."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-# %% ../nbs/10_training.ipynb #8570fc1f
-@dataclass
-class Checkpoint:
-    "What `load_checkpoint` read: the step, the run's config, and the tensors grouped by prefix."
-    path: Path  # the .safetensors file
-    step: int  # optimiser steps done
-    config: dict  # what config.json holds: net, loss_kind, sample_shape, train (a TrainConfig as a dict), ...
-    tensors: dict[str, dict[str, Tensor]]  # "model", "ema", "schedule", "rng" -> {name: tensor}
-    optimizer: dict | None  # an optimiser state_dict, ready for `load_state_dict`; None if not saved
-    scaler: dict | None  # a GradScaler state_dict (fp16 runs); None if not saved
-
-
-def _optimizer_to_flat(sd: dict) -> tuple[dict[str, Tensor], dict]:
-    "Split an optimiser state_dict into tensors (optim.state.<param>.<name>) and JSON-able rest."
-    tensors, rest = {}, {}
-    for i, state in sd["state"].items():
-        for k, v in state.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.state.{i}.{k}"] = v
-            else:
-                rest.setdefault(str(i), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": rest}
-
-
-def _optimizer_from_flat(tensors: dict[str, Tensor], meta: dict) -> dict:
-    "Inverse of `_optimizer_to_flat`."
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    for i, rest in meta["state"].items():
-        state.setdefault(int(i), {}).update(rest)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(
-    out_dir: str | Path,  # the run folder; model.safetensors and config.json go here
-    ddpm: DDPM,  # the model being trained (its network needs a JSON-able `.config`)
-    step: int,  # optimiser steps done
-    *,
-    ema: nn.Module | None = None,  # the EMA copy of `ddpm.model`
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: torch.amp.GradScaler | None = None,  # fp16 loss scaler, if any
-    train_config: TrainConfig | None = None,  # the run's settings, so that a rerun can resume
-    world_size: int = 1,  # processes that trained it (chapter 09c): a run with dropout resumes only on as many
-) -> Path:
-    "Write model.safetensors (weights, EMA, optimiser, RNG) and config.json atomically; return the .safetensors path."
-    net = ddpm.model
-    if type(net).__name__ not in NETS or not isinstance(getattr(net, "config", None), dict):
-        raise ValueError(f"can only save networks from {tuple(NETS)} (they carry a .config), got {type(net).__name__}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(format=FORMAT, version=FORMAT_VERSION, step=int(step),
-                  net={"class": type(net).__name__, "config": net.config}, loss_kind=ddpm.loss_kind,
-                  sample_shape=list(ddpm.sample_shape) if ddpm.sample_shape else None,
-                  train=asdict(train_config) if train_config is not None else None, world_size=int(world_size))
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    tensors |= {f"schedule.{k}": v for k, v in ddpm.schedule.state_dict().items()}
-    if ema is not None:
-        tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    metadata = {"format": FORMAT, "step": str(int(step)), "config": json.dumps(config)}
-    if optimizer is not None:
-        flat, rest = _optimizer_to_flat(optimizer.state_dict())
-        tensors |= flat
-        metadata["optimizer"] = json.dumps(rest)
-    if scaler is not None and scaler.is_enabled():
-        metadata["scaler"] = json.dumps(scaler.state_dict())
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    path = out / "model.safetensors"
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata))
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return path
-
-# %% ../nbs/10_training.ipynb #8265c7b0
-PRETRAINED_PREFIX = "pretrained:"
-
-
-def pretrained_dir(name: str) -> Path:
-    "The folder of a model shipped inside the package, ddpm_course/pretrained/<name>."
-    return Path(str(files("ddpm_course"))) / "pretrained" / name
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    "`pretrained:NAME` as the shipped folder (a CheckpointError if there is none); any other path unchanged."
-    if not str(path).startswith(PRETRAINED_PREFIX):
-        return Path(path)
-    name = str(path)[len(PRETRAINED_PREFIX):]
-    if not name or not (pretrained_dir(name) / "config.json").is_file():
-        shipped = sorted(f.parent.name for f in pretrained_dir("").glob("*/config.json")
-                         if json.loads(f.read_text()).get("format") == FORMAT)
-        raise CheckpointError(f"no pretrained model {name!r} ships with ddpm_course; shipped: {', '.join(shipped) or 'none'}")
-    return pretrained_dir(name)
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    "Read a checkpoint (a run folder, its .safetensors file, or pretrained:NAME), checking it is complete and consistent; nothing is unpickled."
-    path = resolve_checkpoint(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}: expected a run folder holding model.safetensors "
-                              "(and config.json), or the path of a .safetensors file")
-    try:
-        tensors = load_file(str(file))
-        with safe_open(str(file), "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(file)!r} is not a complete safetensors file (truncated or corrupt?): {e}") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{str(file)!r} is a safetensors file but not a ddpm-course checkpoint "
-                              f"(its metadata has format={metadata.get('format')!r}, expected {FORMAT!r})")
-    config, step = json.loads(metadata["config"]), int(metadata["step"])
-    cfg_file = file.with_name("config.json")
-    if cfg_file.is_file():
-        try:
-            on_disk = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{str(cfg_file)!r} is not valid JSON (truncated?): {e}") from None
-        if {k: v for k, v in on_disk.items() if k != "step"} != {k: v for k, v in config.items() if k != "step"}:
-            raise CheckpointError(f"{str(cfg_file)!r} and {str(file)!r} describe different runs: "
-                                  "the folder mixes files from two checkpoints")
-        if on_disk.get("step") != step:
-            warnings.warn(f"config.json says step {on_disk.get('step')} but {file.name} holds step {step} "
-                          "(a run stopped between writing the two); using the weights' step")
-    groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "schedule": {}, "rng": {}, "optim.state": {}}
-    for key, v in tensors.items():
-        prefix = next((p for p in groups if key.startswith(p + ".")), None)
-        if prefix is None:
-            raise CheckpointError(f"{str(file)!r} holds an unexpected tensor {key!r}")
-        groups[prefix][key[len(prefix) + 1:]] = v
-    optim = groups.pop("optim.state")
-    optimizer = _optimizer_from_flat(optim, json.loads(metadata["optimizer"])) if "optimizer" in metadata else None
-    scaler = json.loads(metadata["scaler"]) if "scaler" in metadata else None
-    return Checkpoint(file, step, config, groups, optimizer, scaler)
-
 # %% ../nbs/10_training.ipynb #7d3d06fb
-def _load_state(module: nn.Module, state: dict[str, Tensor], what: str, file: Path) -> None:
-    "load_state_dict, turning a key or shape mismatch into a CheckpointError."
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())
-        raise CheckpointError(f"the {what} in {str(file)!r} do not fit the model: {msg[:600]}") from None
-
-
-def build_net(net_config: dict) -> nn.Module:
-    "The network described by a checkpoint's config['net'] ({'class': ..., 'config': {...}}), freshly initialised."
-    name = net_config.get("class")
-    if name not in NETS:
-        raise CheckpointError(f"unknown network class {name!r} in the checkpoint; known: {tuple(NETS)}")
-    try:
-        return NETS[name](**net_config["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot build {name} from the checkpoint's config: {e}") from None
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> DDPM:
-    "The DDPM saved in a checkpoint, with the EMA weights (or the raw ones with ema=False), in eval mode."
-    ck = load_checkpoint(path)
-    net = make_fast(build_net(ck.config["net"]))  # the fast forms of chapter 08b: same parameters, same function
-    which = "ema" if ema and ck.tensors["ema"] else "model"
-    if not ck.tensors[which]:
-        raise CheckpointError(f"{str(ck.path)!r} holds no network weights (no 'model.' or 'ema.' tensors)")
-    _load_state(net, ck.tensors[which], f"{which} weights", ck.path)
-    betas = ck.tensors["schedule"].get("betas")
-    if betas is None:
-        raise CheckpointError(f"{str(ck.path)!r} holds no noise schedule (no 'schedule.betas')")
-    schedule = NoiseSchedule(betas)
-    _load_state(schedule, ck.tensors["schedule"], "schedule buffers", ck.path)
-    shape = ck.config.get("sample_shape")
-    return DDPM(net, schedule, ck.config["loss_kind"], tuple(shape) if shape else None).to(device).eval()
-
-
 def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...], net: nn.Module | None = None) -> DDPM:
     "A fresh DDPM for `cfg`: `net`, or the U-Net preset with its overrides (channels from the data); the beta schedule."
     if net is None:
+        if cfg.unet is None:
+            raise ValueError("cfg.unet is None (the network passed to train()), but no network was passed")
         net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
     schedule = NoiseSchedule(make_beta_schedule(cfg.schedule, cfg.timesteps))
     return DDPM(net, schedule, cfg.loss, sample_shape)
@@ -478,22 +270,47 @@ def _write_samples(ema_ddpm: DDPM, cfg: TrainConfig, out: Path, step: int, sampl
     atomic_write(out / "samples.png", lambda p: grid.save(p, format="PNG"))
 
 # %% ../nbs/10_training.ipynb #e55f3b16
+def _own_data(data: Dataset | Tensor) -> Dataset:
+    "A user's training data as a Dataset: a tensor [N, ...] of items (images in [-1, 1]), or a Dataset of tensors or (tensor, label)."
+    if isinstance(data, Tensor):
+        if data.ndim < 2 or not data.is_floating_point():
+            raise ValueError(f"expected a float tensor [N, C, H, W] (or [N, D]) of training items, got {data.dtype} {tuple(data.shape)}")
+        return TensorDataset(data)
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be a torch Dataset or a tensor [N, C, H, W], got {type(data).__name__}")
+    return data
+
+
 def train(
     cfg: TrainConfig,  # the run's settings
     out_dir: str | Path,  # run folder: checkpoint, config.json, log.csv, loss.png, samples.png; a rerun resumes from it
     progress: bool = True,  # a tqdm bar with the loss (short lines when stderr is not a terminal), and a line when resuming
     sampler: Callable[[DDPM, int, int], Tensor] | None = None,  # (ddpm, n, seed) -> images for the grids; None: ddpm.sample
+    data: Dataset | Tensor | None = None,  # your own training data (tensor [N, C, H, W] in [-1, 1], or a Dataset); None: cfg.dataset
+    net: nn.Module | None = None,  # your own noise-prediction network (x, t) -> eps, registered for saving; None: cfg.unet's preset
     dist: DistContext | None = None,  # this process's place in a data-parallel run; None: as torchrun says, or one process
 ) -> TrainResult:
-    "Train a DDPM on `cfg.dataset`: AdamW with warm-up, gradient clipping, EMA, AMP on CUDA, logs, grids and checkpoints."
-    dp = DistContext.from_env(cfg.device) if dist is None else dist
+    "Train a DDPM on `data` (or `cfg.dataset`) with `net` (or a U-Net preset): AdamW, warm-up, clipping, EMA, AMP on CUDA, logs, grids, checkpoints."
+    if data is not None:  # the config that is saved says where the data did not come from
+        cfg = replace(cfg, dataset=None, image_size=None)
+    if net is not None:
+        network_name(net)  # fail now, not at the first checkpoint, if it cannot be saved
+        cfg = replace(cfg, unet=None, unet_overrides={})
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    dp = DistContext.from_env(cfg.device) if dist is None else dist
+    with run_lock(out) if dp.is_main else contextlib.nullcontext():  # one writer per run folder (09b): rank 0
+        return _train(dp, cfg, out, progress, sampler, data, net)
+
+
+def _train(dp: DistContext, cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None, data, net: nn.Module | None) -> TrainResult:
+    "The body of `train`, run while holding the folder's lock."
     device, amp_dtype = dp.device, _amp_dtype(cfg, dp.device)
-    ds = load_dataset(cfg.dataset, image_size=cfg.image_size)
+    if data is None and cfg.dataset is None:
+        raise ValueError("cfg.dataset is None (the data passed to train()), but no data was passed")
+    ds = _own_data(data) if data is not None else load_dataset(cfg.dataset, image_size=cfg.image_size)
     first = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
     torch.manual_seed(cfg.seed)
-    ddpm = build_ddpm(cfg, tuple(first.shape)).to(device)
+    ddpm = build_ddpm(cfg, tuple(first.shape), net).to(device)
     ema = copy.deepcopy(ddpm.model).requires_grad_(False).eval() if dp.is_main else None  # kept by rank 0 alone
     ema_ddpm = DDPM(ddpm.model if ema is None else ema, ddpm.schedule, cfg.loss, ddpm.sample_shape)
     params = [p for p in ddpm.model.parameters() if p.requires_grad]
@@ -509,9 +326,9 @@ def train(
         if ck.config.get("world_size", 1) != dp.world_size and has_dropout(ddpm.model):
             raise CheckpointError(f"the run in {str(out)!r} was trained on {ck.config.get('world_size', 1)} processes and "
                                   f"this one has {dp.world_size}; with dropout only the same number resumes exactly")
-        _load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
+        load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
         if ema is not None:
-            _load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
+            load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
         try:
             opt.load_state_dict(ck.optimizer)
         except (ValueError, KeyError) as e:
@@ -576,13 +393,21 @@ def train(
                 bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 total, count, t0 = 0.0, 0, time.perf_counter()
             if dp.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _write_samples(ema_ddpm, cfg, out, step, sampler)
+                if len(ddpm.sample_shape) == 3:  # images (not points of a toy data set)
+                    _write_samples(ema_ddpm, cfg, out, step, sampler)
                 plot_log(out / "log.csv", out / "loss.png")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 if dp.is_main:
                     save_checkpoint(out, ddpm, step, ema=ema, optimizer=opt, scaler=scaler, train_config=cfg,
                                     world_size=dp.world_size)
                 last_ckpt = step
+    except (DiskFullError, OSError) as e:  # a full disk while writing log.csv, a grid or a checkpoint
+        if not isinstance(e, DiskFullError) and e.errno != errno.ENOSPC:
+            raise
+        intact = checkpoint_step(out)
+        kept = (f"the last good checkpoint (step {intact}) is intact: free some space and run again to resume"
+                if intact is not None else "no checkpoint had been written yet")
+        raise DiskFullError(f"the disk holding {str(out)!r} is full (at step {step}); {kept}") from None
     finally:
         bar.close()
     dp.barrier()  # every rank returns once rank 0 has written the last checkpoint

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .blocks import ATTENTION_KINDS, Downsample, ResnetBlock, Upsample, attention_block
 from .embeddings import SinusoidalEmbedding, TimeMLP
 
 # %% auto #0
-__all__ = ['UNET_PRESETS', 'UNet', 'unet_preset', 'SimpleBlock', 'SimpleUNet']
+__all__ = ['UNET_PRESETS', 'UNet', 'unet_preset', 'SimpleBlock', 'SimpleUNet', 'ToyMLP']
 
 # %% ../nbs/08_unet.ipynb #d2d5d144
 class UNet(nn.Module):
@@ -225,3 +225,23 @@ class SimpleUNet(nn.Module):
         for up in self.ups:
             x = up(torch.cat([x, skips.pop()], dim=1), emb)
         return self.output(x)
+
+# %% ../nbs/08_unet.ipynb #36700432
+class ToyMLP(nn.Module):
+    "A small residual MLP eps_theta(x, t) for low-dimensional toy data, told the timestep through a `TimeMLP`."
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, emb_dim: int = 64):
+        super().__init__()
+        self.config = dict(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
+        self.time = TimeMLP(emb_dim, hidden)
+        self.inp = nn.Linear(dim, hidden)
+        self.t_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb, h = self.time(t), self.inp(x)
+        for proj, block in zip(self.t_proj, self.blocks):
+            h = h + block(h + proj(emb))
+        return self.out(h)

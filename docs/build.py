@@ -82,28 +82,26 @@ def output_markdown(outputs: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def stage_cell(cell: dict) -> dict | None:
-    "One processed cell as myst-nb should render it, or None when the reader should not see it."
+def stage_cell(cell: dict) -> list[dict]:
+    "One processed cell as myst-nb should render it: no cell (hidden), the cell, or its code and its markdown output."
     if cell["cell_type"] == "markdown":
-        return None if "".join(cell["source"]).strip() == DROPPED_MARKDOWN else cell
+        return [] if "".join(cell["source"]).strip() == DROPPED_MARKDOWN else [cell]
     if cell["cell_type"] != "code":
-        return cell
+        return [cell]
     opts, source = split_directives("".join(cell["source"]))
     if "hide" in opts or opts.get("include") == "false" or (not source and not cell.get("outputs")):
-        return None
+        return []
+    echo = opts.get("echo") != "false" and bool(source)
     if opts.get("output") == "asis":
         text = output_markdown(cell.get("outputs", []))
-        markdown = {"cell_type": "markdown", "metadata": {}, "source": text}
-        if opts.get("echo") == "false" or not source:
-            return markdown if text else None
-        return [{**cell, "source": source, "outputs": []}, markdown] if text else {**cell, "source": source, "outputs": []}
+        return ([{**cell, "source": source, "outputs": []}] if echo else []) + (
+            [{"cell_type": "markdown", "metadata": {}, "source": text}] if text else [])
     tags = list(cell.get("metadata", {}).get("tags", []))
-    if opts.get("echo") == "false" or not source:
+    if not echo:
         tags.append("remove-input")
     if opts.get("output") == "false":
         tags.append("remove-output")
-    metadata = {**cell.get("metadata", {}), **({"tags": tags} if tags else {})}
-    return {**cell, "source": source, "metadata": metadata}
+    return [{**cell, "source": source, "metadata": {**cell.get("metadata", {}), **({"tags": tags} if tags else {})}}]
 
 
 def page_links(pages: dict[str, str], doc_url: str):
@@ -130,14 +128,13 @@ def stage_notebook(nb: dict, rewrite) -> tuple[dict, str]:
             if fm.get("description"):
                 head.append(f"> {fm['description']}")
             cell = {"cell_type": "markdown", "metadata": {}, "source": "\n\n".join(head)}
-        staged = stage_cell(cell)
-        for c in staged if isinstance(staged, list) else [staged] if staged else []:
+        for c in stage_cell(cell):
             if c["cell_type"] == "markdown":
                 c = {**c, "source": rewrite("".join(c["source"]))}
             cells.append(c)
-    if title is None:
-        title = next((m.group(1) for c in cells if c["cell_type"] == "markdown"
-                      for m in [re.match(r"#\s+(.+)", "".join(c["source"]).strip())] if m), "")
+    if title is None:  # no front matter: the first heading
+        headings = (re.match(r"#\s+(.+)", "".join(c["source"]).strip()) for c in cells if c["cell_type"] == "markdown")
+        title = next((m.group(1) for m in headings if m), "")
     cells = [{**c, "id": f"cell-{n}"} for n, c in enumerate(cells)]
     return {**nb, "cells": cells, "metadata": {**nb.get("metadata", {}), **KERNEL}}, title
 
@@ -157,6 +154,10 @@ def api_page(lib: str, rows: list[tuple[str, str, str]]) -> str:
            f"Every public name of the `{lib}` package, module by module in chapter order, from its docstrings.",
            "Each chapter derives and tests what its module exports.", ""]
     for page, title, module in rows:
+        if module == "__init__":  # the package's front door: its docstring; its names are documented in their modules
+            out += [f"## `{lib}`", "", f"From [{title}]({page}.ipynb).", "",
+                    "```{eval-rst}", f".. automodule:: {lib}", "   :no-members:", "```", ""]
+            continue
         out += [f"## `{lib}.{module}`", "", f"From [{title}]({page}.ipynb).", "",
                 "```{eval-rst}", f".. automodule:: {lib}.{module}", "```", ""]  # autodoc writes reStructuredText
     return "\n".join(out)
@@ -168,36 +169,40 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
 
 
+def toc_cell(chapters: list[str]) -> dict:
+    "The navigation, on the home page: the chapters in reading order, then the API reference."
+    toc = ["```{toctree}", ":hidden:", ":caption: Chapters", "", *chapters, "```", "",
+           "```{toctree}", ":hidden:", ":caption: Reference", "", "api", "```"]
+    return {"cell_type": "markdown", "id": "toc", "metadata": {}, "source": "\n".join(toc)}
+
+
 def stage(nbs: Path, proc: Path, src: Path, cfg: dict[str, str]) -> list[str]:
     "Write the Sphinx sources for every chapter of `nbs` (processed in `proc`) into `src`; return the page names."
     src.mkdir(parents=True, exist_ok=True)
     processed = {p.name: json.loads((proc / p.name).read_text(encoding="utf-8")) for p in chapters(nbs)}
-    pages = {}  # nbdev's output file name (e.g. schedules.html) -> page name
+    pages = [docname(name) for name in processed]
+    if "index" not in pages:
+        raise SystemExit(f"no home page: expected a notebook 00_*.ipynb in {nbs}")
+    output_files = {}  # nbdev's output file name (e.g. schedules.html) -> page name
     for name, nb in processed.items():
         fm = frontmatter(nb["cells"][0]) if nb["cells"] else None
         if fm and fm.get("output-file"):
-            pages[fm["output-file"]] = docname(name)
-    rewrite = page_links(pages, cfg["doc_host"] + cfg["doc_baseurl"])
-    staged, api_rows = [], []
+            output_files[fm["output-file"]] = docname(name)
+    rewrite = page_links(output_files, cfg["doc_host"] + cfg["doc_baseurl"])
+    api_rows = []
     for name, nb in processed.items():
         nb, title = stage_notebook(nb, rewrite)
         page = docname(name)
         if page == "index":
-            index = nb
-        else:
-            staged.append(page)
-            write_if_changed(src / f"{page}.ipynb", json.dumps(nb, indent=1, ensure_ascii=False))
+            nb["cells"].append(toc_cell([p for p in pages if p != "index"]))
+        write_if_changed(src / f"{page}.ipynb", json.dumps(nb, indent=1, ensure_ascii=False))
         if module := module_of(nbs / name):
             api_rows.append((page, title, module))
     write_if_changed(src / "api.md", api_page(cfg["lib_name"], api_rows))
-    toc = ["```{toctree}", ":hidden:", ":caption: Chapters", "", *staged, "```", "",
-           "```{toctree}", ":hidden:", ":caption: Reference", "", "api", "```"]
-    index["cells"].append({"cell_type": "markdown", "id": "toc", "metadata": {}, "source": "\n".join(toc)})
-    write_if_changed(src / "index.ipynb", json.dumps(index, indent=1, ensure_ascii=False))
     for old in src.glob("*.ipynb"):  # a chapter that was renamed or removed
-        if old.stem not in staged and old.stem != "index":
+        if old.stem not in pages:
             old.unlink()
-    return ["index", *staged, "api"]
+    return [*pages, "api"]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -216,8 +221,10 @@ def main(argv: list[str] | None = None) -> Path:
     proc = Path(proc_nbs(force=args.force))
     pages = stage(ROOT / "nbs", proc, args.out / "src", settings())
     print(f"== Sphinx: {len(pages)} pages into {args.out / 'html'}", flush=True)
-    subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", str(ROOT / "docs"),
-                    str(args.out / "src"), str(args.out / "html")], check=True, cwd=ROOT)
+    sphinx = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", str(ROOT / "docs"),
+                             str(args.out / "src"), str(args.out / "html")], cwd=ROOT)
+    if sphinx.returncode:
+        raise SystemExit(f"Sphinx failed (exit status {sphinx.returncode}); its messages are above")
     index = args.out / "html" / "index.html"
     print(f"== built in {time.perf_counter() - start:.0f} s; open {index.resolve().as_uri()}")
     return index

@@ -49,6 +49,7 @@ html_theme = "furo"
 html_title = cfg["repo"]
 html_show_sourcelink = False
 html_copy_source = False
+html_show_search_summary = False  # summaries fetch() each page, which browsers refuse for a site opened from disk
 
 
 def markdown_to_rst(line: str) -> str:
@@ -86,5 +87,7 @@ def copy_mathjax(app, exception):
 
 
 def setup(app):
+    app.set_html_assets_policy("always")  # MathJax on every page: the navigation has math in chapter titles
     app.connect("autodoc-process-docstring", docstring_as_rst)
     app.connect("build-finished", copy_mathjax)
+    app.set_html_assets_policy("always")  # MathJax on every page: chapter titles in the navigation hold math too

@@ -24,11 +24,14 @@ def browser_binary() -> str | None:
     return next((p for p in CHROMIUM if Path(p).exists()), None) or shutil.which("chromium")
 
 
+def driver_binary() -> str | None:
+    "Path of chromedriver, or None."
+    return shutil.which("chromedriver") or (CHROMEDRIVER if Path(CHROMEDRIVER).exists() else None)
+
+
 def skip_reason() -> str | None:
     "Why the browser tests cannot run here (None when they can)."
-    missing = [name for name, path in (("chromium", browser_binary()), ("chromedriver", shutil.which("chromedriver")
-                                                                        or (CHROMEDRIVER if Path(CHROMEDRIVER).exists() else None)))
-               if not path]
+    missing = [name for name, path in (("chromium", browser_binary()), ("chromedriver", driver_binary())) if not path]
     if missing:
         return (f"{' and '.join(missing)} not installed: run `apt-get install -y chromium chromium-driver` "
                 "(.ci/run does) to run the browser tests")
@@ -51,7 +54,7 @@ def chromium():
     for flag in [*FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    service = Service(shutil.which("chromedriver") or CHROMEDRIVER)
+    service = Service(driver_binary())
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(60)
     try:

@@ -1,5 +1,7 @@
 """Tests of ddpm_course.cli: the `ddpm-course` command, in-process through main() and once as the console script."""
 import csv
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -9,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm_course.cli as cli
+from ddpm_course.checkpoint import CheckpointError, load_checkpoint, load_model
 from ddpm_course.cli import build_parser, main, read_samples
 from ddpm_course.data import load_dataset
 from ddpm_course.metrics import evaluate_samples
 from ddpm_course.sampling import sample_ddim
-from ddpm_course.training import load_model
 
 QUICK = ["--sample-every", "10", "--checkpoint-every", "10", "--n-samples", "4", "--log-every", "5", "--no-progress"]
 
@@ -51,8 +54,8 @@ def test_help_lists_every_option(capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "--steps", "0"],
-    ["train", "--lr", "-1"],
+    ["train", "--steps", "ten"],
+    ["train", "--grad-clip", "off"],
     ["sample", "--out", "x"],  # --checkpoint missing
     ["sample", "--checkpoint", "pretrained:digits", "--out", "x", "--sampler", "euler"],
     ["eval"],
@@ -64,6 +67,31 @@ def test_bad_arguments_exit_2_without_traceback(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,word", [(["--steps", "0"], "steps must be an int >= 1, got 0"),
+                                       (["--lr", "-1"], "lr must be a positive number"),
+                                       (["--weight-decay", "-0.1"], "weight_decay must be a number >= 0"),
+                                       (["--grad-clip", "0"], "grad_clip must be > 0 or None")])
+def test_train_values_are_checked_by_train_config(argv, word, capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path), *argv]) == 2
+    assert word in error_line(capsys)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_train_options_are_the_train_config_fields():
+    from dataclasses import fields
+
+    from ddpm_course.training import TrainConfig
+
+    p = build_parser()._subparsers._group_actions[0].choices["train"]
+    opts = {a.dest: a for a in p._actions if a.option_strings}
+    for f in fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            assert opts[f.name].default == f.default and opts[f.name].help == f.metadata["help"], f.name  # help is required
+    args = p.parse_args(["--grad-clip", "none", "--image-size", "16", "--weight-decay", "0.01"])
+    assert args.grad_clip is None and args.image_size == 16 and args.weight_decay == 0.01
+    assert TrainConfig().steps == 4000 and TrainConfig().image_size is None  # the command's defaults, kept
 
 
 def test_train_writes_five_files_resumes_and_says_so(tmp_path, capsys):
@@ -163,15 +191,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", offline)  # offline even where CI has a network
-    for argv, word in [
-        (["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no checkpoint"),
-        (["sample", "--checkpoint", str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "corrupt"),
-        (["sample", "--checkpoint", "pretrained:cats", "--out", str(tmp_path / "o")], "cats"),
-        (["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")], "unknown data set"),
-        (["train", "--dataset", "mnist", "--steps", "1", "--out", str(tmp_path / "r")], "could not download"),
-        (["eval", "--samples", str(tmp_path / "x.npz"), "--dataset", "cifar10"], "no samples file"),
+    for argv, word, status in [
+        (["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no checkpoint", 2),
+        (["sample", "--checkpoint", str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "corrupt", 2),
+        (["sample", "--checkpoint", "pretrained:cats", "--out", str(tmp_path / "o")], "cats", 2),
+        (["sample", "--checkpoint", "pretrained:../pretrained/digits", "--out", str(tmp_path / "o")], "not a path", 2),
+        (["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")], "unknown data set", 2),
+        (["train", "--dataset", "mnist", "--steps", "1", "--out", str(tmp_path / "r")], "could not download", 1),
+        (["eval", "--samples", str(tmp_path / "x.npz"), "--dataset", "cifar10"], "no samples file", 2),
     ]:
-        assert main(argv) == 2, argv
+        assert main(argv) == status, argv
         assert word in error_line(capsys), argv
 
 
@@ -190,10 +219,17 @@ def test_export_keeps_only_ema_weights(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_threads_are_restored(tmp_path):
-    before = torch.get_num_threads()
-    main(["eval", "--samples", str(tmp_path / "none.npz"), "--threads", "1"])
-    assert torch.get_num_threads() == before
+def test_threads_are_restored(tmp_path, monkeypatch):
+    "--threads applies while the command runs and is undone afterwards, also when the command fails."
+    seen = []
+    def read_samples(path):
+        seen.append(torch.get_num_threads())
+        raise FileNotFoundError(f"no samples file at {str(path)!r}")
+
+    monkeypatch.setattr(cli, "read_samples", read_samples)
+    before = torch.get_num_threads()  # 1, set by the conftest fixture: so ask for another number
+    assert main(["eval", "--samples", str(tmp_path / "none.npz"), "--threads", str(before + 1)]) == 2
+    assert seen == [before + 1] and torch.get_num_threads() == before
 
 
 def test_console_script(tmp_path):
@@ -206,3 +242,64 @@ def test_console_script(tmp_path):
     bad = subprocess.run([str(exe), "sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_a_full_disk_says_so_in_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_write_bytes, writes = Path.write_bytes, {"n": 0}
+
+    def fills_up(self, data):
+        writes["n"] += 1
+        if writes["n"] == 2:  # the second checkpoint (step 20)
+            real_write_bytes(self, data[: len(data) // 3])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
+    assert main(["train", "--steps", "30", "--out", str(out), *QUICK]) == 1
+    line = error_line(capsys)
+    assert "disk" in line and "is full (at step 20)" in line and "last good checkpoint (step 10) is intact" in line
+    monkeypatch.undo()
+    assert load_checkpoint(out).step == 10 and not list(out.glob("*.tmp"))
+    assert main(["train", "--steps", "30", "--out", str(out), *QUICK]) == 0
+    assert "resumed from step 10" in capsys.readouterr().out
+
+
+def test_a_second_train_on_the_same_folder_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    hold = "import sys, time\nfrom ddpm_course.checkpoint import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert main(["train", "--steps", "20", "--out", str(out), *QUICK]) == 1
+        assert f"in use by another training process (pid {proc.pid})" in error_line(capsys)
+        assert not (out / "log.csv").exists() and not (out / "model.safetensors").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    bad = ["sample", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]
+    assert main(bad) == 2
+    assert "no checkpoint at" in error_line(capsys)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        main(["--debug", *bad])
+    monkeypatch.setenv("DDPM_COURSE_DEBUG", "1")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        main(bad)
+    monkeypatch.delenv("DDPM_COURSE_DEBUG")
+
+    def a_bug(*args, **kwargs):
+        return torch.zeros(2) @ torch.zeros(3)  # a RuntimeError from inside torch: not the user's fault
+
+    monkeypatch.setattr(cli, "load_model", a_bug)
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+        main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])
+
+    def a_deep_value_error(*args, **kwargs):
+        return np.zeros(3).reshape(2)  # a ValueError raised by numpy, not by our checks
+
+    monkeypatch.setattr(cli, "load_model", a_deep_value_error)
+    with pytest.raises(ValueError, match="reshape"):
+        main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])

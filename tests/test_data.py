@@ -1,5 +1,5 @@
 """Tests of ddpm_course.data: data sets, transforms, grids, 2-D toys."""
-import time
+import socket
 
 import numpy as np
 import pytest
@@ -64,10 +64,12 @@ def test_load_dataset_digits_items_and_sizes():
     assert load_dataset("digits", channels=3)[0].shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize("bad", [dict(name="imagenet"), dict(split="val"), dict(image_size=0), dict(image_size=8.0)])
-def test_load_dataset_bad_arguments(bad):
+@pytest.mark.parametrize("bad,word", [(dict(name="imagenet"), "unknown data set 'imagenet'"), (dict(split="val"), "split must be"),
+                                      (dict(image_size=0), "image_size must be an int >= 1, got 0"),
+                                      (dict(image_size=8.0), "image_size must be an int >= 1, got 8.0")])
+def test_load_dataset_bad_arguments(bad, word):
     kw = dict(name="digits") | bad
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match=word) as e:
         load_dataset(**kw)
     if "name" in bad:
         for n in DATASETS:
@@ -75,12 +77,14 @@ def test_load_dataset_bad_arguments(bad):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "fgvc_aircraft"])
-def test_torchvision_sets_fail_fast_offline(tmp_path, name):
-    # No network here: the download must fail within seconds, naming the offline alternatives.
-    t0 = time.perf_counter()
+def test_torchvision_sets_fail_clearly_offline(tmp_path, name, monkeypatch):
+    "Offline (made so even where the machine has a network), a download fails naming the offline alternatives."
+    def offline(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
     with pytest.raises(DatasetDownloadError) as e:
         load_dataset(name, root=tmp_path, timeout=5)
-    assert time.perf_counter() - t0 < 20
     msg = str(e.value)
     assert name in msg and "download" in msg and "'digits'" in msg and "folder" in msg
 
@@ -166,7 +170,7 @@ def test_image_grid_layout():
     assert (a[0:2] == 255).all()  # padding
     rgb = image_grid(np.zeros((4, 8, 8, 3), dtype=np.uint8))  # N x H x W x C arrays, as in samples.npz
     assert rgb.mode == "RGB" and rgb.size == (2 * 33 + 1, 2 * 33 + 1)  # auto scale 4: 32-pixel images
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"C in \(1, 3\), got shape \(2, 2, 8, 8\)"):
         image_grid(torch.zeros(2, 2, 8, 8))
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_course.ddpm import (DDPM, GaussianEps, ToyMLP, ddpm_step, gaussian_reverse_moments, p_mean_variance_from_eps,
+from ddpm_course.ddpm import (DDPM, GaussianEps, ddpm_step, gaussian_reverse_moments, p_mean_variance_from_eps,
                               sliced_wasserstein, train_toy)
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
+from ddpm_course.unet import ToyMLP
 
 
 class Recorder(nn.Module):

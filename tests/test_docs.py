@@ -39,22 +39,29 @@ def test_split_directives():
 
 @pytest.mark.parametrize("source", ["#| hide\nx = 1", "#| include: false\nx = 1", ""])
 def test_hidden_cells_are_dropped(source):
-    assert build.stage_cell(code(source)) is None
+    assert build.stage_cell(code(source)) == []
 
 
 def test_echo_false_hides_the_code_keeps_the_output():
-    cell = build.stage_cell(code("#| echo: false\nplot()", [{"output_type": "display_data", "data": {}}]))
+    [cell] = build.stage_cell(code("#| echo: false\nplot()", [{"output_type": "display_data", "data": {}}]))
     assert cell["source"] == "plot()" and cell["metadata"]["tags"] == ["remove-input"] and cell["outputs"]
 
 
+def test_other_cells_pass_through():
+    [cell] = build.stage_cell(code("x = 1", [{"output_type": "stream", "text": "1"}]))
+    assert cell["source"] == "x = 1" and "tags" not in cell["metadata"] and cell["outputs"]
+    md = {"cell_type": "markdown", "metadata": {}, "source": "# Title"}
+    assert build.stage_cell(md) == [md]
+
+
 def test_output_false_hides_the_output():
-    cell = build.stage_cell(code("#| output: false\nx", tags=["keep"]))
+    [cell] = build.stage_cell(code("#| output: false\nx", tags=["keep"]))
     assert cell["source"] == "x" and cell["metadata"]["tags"] == ["keep", "remove-output"]
 
 
 def test_output_asis_becomes_markdown():
     shown = "### f\n\n>      f (x:int)\n\n[source](https://example.org/f.py#L3){target=\"_blank\" style=\"float:right\"}"
-    cell = build.stage_cell(code("#| echo: false\n#| output: asis\nshow_doc(f)", [markdown_output(shown)]))
+    [cell] = build.stage_cell(code("#| echo: false\n#| output: asis\nshow_doc(f)", [markdown_output(shown)]))
     assert cell["cell_type"] == "markdown" and cell["source"].startswith("### f\n")
     assert '<a class="reference external" href="https://example.org/f.py#L3" style="float:right">source</a>' in cell["source"]
     assert "{target" not in cell["source"]

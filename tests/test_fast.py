@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ddpm_course.blocks import Attention, Block, LinearAttention, Upsample
-from ddpm_course.ddpm import ToyMLP
+from ddpm_course.unet import ToyMLP
 from ddpm_course.fast import (
     FAST_FORMS,
     FastAttention,
@@ -22,7 +22,7 @@ from ddpm_course.fast import (
     subpixel_kernel,
     upsample_taps,
 )
-from ddpm_course.training import load_model
+from ddpm_course.checkpoint import load_model
 from ddpm_course.unet import UNet
 
 

@@ -1,9 +1,12 @@
-"""Tests for ddpm_course.forward: argument checks, extract, q_step, q_sample, the sample photo."""
+"""Tests for ddpm_course.forward: argument checks, extract, q_step, q_sample; the sample photo (from data)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from ddpm_course.forward import (check_betas, check_broadcast, check_timesteps, extract, load_sample_photo,
-                                 q_sample, q_step)
+from ddpm_course.data import load_sample_photo
+from ddpm_course.forward import check_betas, check_broadcast, check_timesteps, extract, q_sample, q_step
 
 T = 1000
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -136,5 +139,13 @@ def test_load_sample_photo():
         assert x.shape == (3, size, size) and x.dtype == torch.float32
         assert -1 <= x.min() < x.max() <= 1 and x.std() > 0.2
     for bad in (0, -3, 2.0, True):
-        with pytest.raises(ValueError, match="positive int"):
+        with pytest.raises(ValueError, match=f"size must be an int >= 1, got {bad!r}"):
             load_sample_photo(bad)
+
+
+@pytest.mark.parametrize("module", ["ddpm_course", "ddpm_course.forward", "ddpm_course.schedules", "ddpm_course.unet",
+                                    "ddpm_course.ddpm", "ddpm_course.checkpoint"])
+def test_the_math_and_network_modules_do_not_import_matplotlib(module):
+    "In a fresh interpreter (this one has matplotlib loaded by other tests)."
+    probe = f"import sys, {module}; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"

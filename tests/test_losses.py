@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import norm
 from torch.distributions import Normal, kl_divergence
 
@@ -254,7 +253,7 @@ def test_variational_bound_strata_and_bits_per_dim():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(variance="learned"), "variance must be one of"),
-    (dict(num_strata=0), r"num_strata must be None or an int in 1\.\.5, got 0"),
+    (dict(num_strata=0), r"num_strata must be an int in 1\.\.5 \(or None\), got 0"),
     (dict(num_strata=6), "got 6"),
     (dict(levels=1), "levels must be an int >= 2"),
 ])

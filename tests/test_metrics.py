@@ -8,9 +8,8 @@ import torch
 
 from ddpm_course.data import load_dataset, load_digits_with_labels, to_uint8
 from ddpm_course.sampling import sample_ddim
-from ddpm_course.training import load_model, pretrained_dir
+from ddpm_course.checkpoint import CheckpointError, load_model, pretrained_dir
 from ddpm_course.metrics import (
-    ImageClassifier,
     class_entropy,
     classifier_accuracy,
     classifier_for,
@@ -111,7 +110,7 @@ def test_shift_augment_moves_whole_images():
 
 def test_shipped_classifier(clf):
     cfg = json.loads((pretrained_dir("digits_classifier") / "config.json").read_text())
-    assert cfg["dataset"] == "digits" and clf.config == cfg["model"]
+    assert cfg["info"]["dataset"] == "digits" and clf.config == cfg["net"]["config"] and cfg["net"]["class"] == "ImageClassifier"
     acc = classifier_accuracy(clf, load_dataset("digits", split="test", with_labels=True))
     assert acc >= 0.98
     assert (pretrained_dir("digits_classifier") / "model.safetensors").stat().st_size < 1_000_000
@@ -129,11 +128,13 @@ def test_save_load_round_trip(tmp_path, clf):
 
 
 def test_load_errors(tmp_path, clf):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         load_classifier(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="class UNet; expected ImageClassifier"):
+        load_classifier("pretrained:digits")
     save_classifier(clf, tmp_path / "c")
     (tmp_path / "c" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         load_classifier(tmp_path / "c")
     with pytest.raises(ValueError, match="no classifier is shipped"):
         classifier_for("cifar10")
@@ -144,7 +145,8 @@ def test_train_classifier_short_run(tmp_path):
     assert c.test_accuracy > 0.7
     assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json", "log.csv"}
     assert (tmp_path / "log.csv").read_text().splitlines()[0].startswith("step,")
-    assert json.loads((tmp_path / "config.json").read_text())["training"]["steps"] == 80
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["info"]["training"]["steps"] == 80 and cfg["step"] == 80
 
 
 def test_prepare_images_forms_and_errors():
@@ -256,3 +258,14 @@ def test_evaluate_samples_uint8(clf):
     assert r.ratio_low > 20  # uniform noise is nothing like a digit
     feats, labels = extract_features(clf, u8[:10])
     assert feats.shape == (10, 64) and feats.dtype == np.float64 and labels.shape == (10,)
+
+
+def test_features_are_computed_on_the_classifiers_device(clf):
+    "extract_features moves the images to the classifier's device (here the CPU, passed explicitly) and returns CPU arrays."
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    f, y = extract_features(clf.to(torch.device("cpu")), x)
+    with torch.no_grad():
+        want = clf.features(prepare_images(x, 8, 1))
+    assert isinstance(f, np.ndarray) and f.dtype == np.float64 and f.shape == (6, clf.config["feature_dim"])
+    np.testing.assert_allclose(f, want.double().numpy(), rtol=1e-6)
+    assert np.array_equal(y, clf.head(want).argmax(1).numpy())

@@ -23,7 +23,9 @@ def _conditional_by_recursion(betas):
         m_t, v_t = math.sqrt(alpha) * m_prev, alpha * v_prev + beta
         cov = math.sqrt(alpha) * v_prev
         k = cov / v_t                              # Sigma_12 / Sigma_22
-        coef_xt.append(k); coef_x0.append(m_prev - k * m_t); var.append(v_prev - k * cov)
+        coef_xt.append(k)
+        coef_x0.append(m_prev - k * m_t)
+        var.append(v_prev - k * cov)
         m_prev, v_prev = m_t, v_t
     return [torch.tensor(v, dtype=torch.float64) for v in (coef_x0, coef_xt, var)]
 

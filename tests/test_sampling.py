@@ -294,7 +294,7 @@ def test_bad_arguments_fail_clearly():
     s, xt, eps = schedule(), batch(1), batch(2)
     with pytest.raises(ValueError, match="t_prev"):
         ddim_step(s, eps, 10, 10, xt)
-    with pytest.raises(ValueError, match="t must lie"):
+    with pytest.raises(ValueError, match=r"t must be an int in 0\.\.999 \(0-based timesteps\), got 1000"):
         ddim_step(s, eps, T, 10, xt)
     with pytest.raises(ValueError, match="variance"):
         ddpm_step(s, eps, 5, xt, variance="learned")
@@ -308,3 +308,18 @@ def test_bad_arguments_fail_clearly():
         ddim_timesteps(T, T + 1)
     with pytest.raises(ValueError, match="spacing"):
         ddim_timesteps(T, 10, "uniform")
+
+
+def test_the_hot_paths_never_read_tensor_values():
+    "A 'meta' tensor has a shape but no values, so reading one (what makes a GPU wait for the host) raises here."
+    from ddpm_course.forward import extract
+
+    with pytest.raises(Exception, match="meta"):
+        torch.zeros(3, device="meta").max().item()  # the probe works: a value read fails
+    s = NoiseSchedule(linear_beta_schedule(1000)).to("meta")
+    x, t = torch.empty(2, 1, 4, 4, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    assert extract(s.betas, t, x.shape).shape == (2, 1, 1, 1)
+    assert s.q_sample(x, t, x).shape == x.shape
+    assert ddim_step(s, x, 500, 400, x, eta=0.5, noise=x).shape == x.shape
+    assert ddim_step(s, x, 500, -1, x).shape == x.shape
+    assert ddpm_step(s, x, 500, x, noise=x).shape == x.shape

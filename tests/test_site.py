@@ -79,7 +79,7 @@ def test_every_chapter_is_a_page(site):
     assert not missing, f"pages not built: {missing}"
 
 
-@pytest.mark.parametrize("page", [*PAGES, "api"])
+@pytest.mark.parametrize("page", [*PAGES, "api", "genindex", "search"])
 def test_page_renders_offline(browser, site, page):
     mathjax = open_page(browser, site, page)
     assert mathjax in ("typeset", "no math"), mathjax
@@ -102,8 +102,8 @@ def test_page_renders_offline(browser, site, page):
     if page in SCREENSHOTS:
         target = SCREENSHOTS[page]
         if target:
-            browser.execute_script(f"document.querySelector('article {target}').scrollIntoView()")
-            time.sleep(0.3)
+            browser.execute_script(f"document.querySelector('article {target}')"
+                                   ".scrollIntoView({block: 'center', behavior: 'instant'})")
         shots = BUILD / "screenshots"
         shots.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(shots / f"{page}.png"))
@@ -153,3 +153,24 @@ def test_links_between_pages_resolve(site):
             if (page or name) not in ids or (anchor and anchor not in ids[page or name]):
                 broken.append(f"{name} -> {href}")
     assert n > 100 and not broken, f"{len(broken)} of {n} links broken: {broken[:10]}"
+
+
+def test_search_works_from_disk(browser, site):
+    console_errors(browser)
+    browser.get((site / "search.html").as_uri() + "?q=NoiseSchedule")
+    hits = wait_for_hits(browser)
+    assert any(h.endswith("04_schedules.html") for h in hits), hits
+    errors = console_errors(browser)
+    assert not errors, f"search: console errors: {errors}"
+
+
+def wait_for_hits(browser, timeout: float = 30) -> list[str]:
+    "The pages the search page lists, once it has listed some."
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        hits = browser.execute_script("return [...document.querySelectorAll('#search-results li a')].map(a => a.href)")
+        if hits:
+            return [h.split("#")[0].split("?")[0] for h in hits]
+        time.sleep(0.2)
+    pytest.fail(f"the search page listed no result within {timeout:.0f} s")
+

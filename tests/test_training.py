@@ -1,25 +1,17 @@
-"""Tests of ddpm_course.training: the loop's outputs, exact resume, checkpoints (round trip, atomicity, bad files)."""
+"""Tests of ddpm_course.training: the loop's outputs, exact resume, the run folder's lock, a full disk, a NaN loss."""
 
 import csv
 import dataclasses
 import json
-import os
-import pickle
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import ddpm_course.training as training
+from ddpm_course.checkpoint import CheckpointError, load_checkpoint
 from ddpm_course.ddpm import DDPM
-from ddpm_course.training import (CheckpointError, NonFiniteLossError, TrainConfig, ema_update, load_checkpoint,
-                                  load_model, lr_at, save_checkpoint, train)
+from ddpm_course.training import NonFiniteLossError, TrainConfig, ema_update, lr_at, train
 
 TINY = dict(dim=8, dim_mults=[1, 2], attn=["none", "none"], mid_attn="none", groups=4)
 
@@ -88,183 +80,6 @@ def test_resuming_with_other_settings_is_refused(straight_run):
         train(tiny_cfg(lr=5e-4), straight_run.out_dir, progress=False)
     with pytest.raises(CheckpointError, match="unet_overrides"):
         train(tiny_cfg(unet_overrides={**TINY, "dim": 16}), straight_run.out_dir, progress=False)
-
-
-def small_ddpm(seed=0, dim=8):
-    torch.manual_seed(seed)
-    return training.build_ddpm(tiny_cfg(unet_overrides={**TINY, "dim": dim}), (1, 8, 8))
-
-
-def trained_parts(steps=3):
-    "A tiny DDPM, its EMA and an AdamW with state after a few real steps."
-    ddpm = small_ddpm()
-    ema = training.copy.deepcopy(ddpm.model)
-    opt = torch.optim.AdamW(ddpm.model.parameters(), lr=1e-3, weight_decay=0.01)
-    for _ in range(steps):
-        loss = ddpm.loss(torch.rand(4, 1, 8, 8) * 2 - 1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema_update(ema, ddpm.model, 0.9)
-    return ddpm, ema, opt
-
-
-def test_save_load_round_trip(tmp_path):
-    ddpm, ema, opt = trained_parts()
-    path = save_checkpoint(tmp_path, ddpm, 3, ema=ema, optimizer=opt, train_config=tiny_cfg())
-    assert path == tmp_path / "model.safetensors"
-    keys = load_file(path).keys()
-    assert {k.split(".")[0] for k in keys} == {"model", "ema", "optim", "schedule", "rng"}
-    ck = load_checkpoint(tmp_path)
-    assert ck.step == 3 and ck.config["train"]["seed"] == 1 and ck.config["net"]["class"] == "UNet"
-    for k, v in ddpm.model.state_dict().items():
-        assert torch.equal(ck.tensors["model"][k], v)
-    for k, v in ema.state_dict().items():
-        assert torch.equal(ck.tensors["ema"][k], v)
-    assert torch.equal(ck.tensors["rng"]["torch"], torch.get_rng_state())
-    want = opt.state_dict()
-    opt2 = torch.optim.AdamW(small_ddpm(seed=5).model.parameters(), lr=0.5)
-    opt2.load_state_dict(ck.optimizer)
-    got = opt2.state_dict()
-    assert json.loads(json.dumps(want["param_groups"])) == got["param_groups"]
-    for i, state in want["state"].items():
-        for k, v in state.items():
-            assert torch.equal(got["state"][i][k], v), (i, k)
-    model = load_model(tmp_path)
-    assert isinstance(model, DDPM) and not model.training and model.sample_shape == (1, 8, 8)
-    for k, v in ema.state_dict().items():
-        assert torch.equal(model.model.state_dict()[k], v)
-    for k, v in ddpm.schedule.state_dict().items():
-        assert torch.equal(model.schedule.state_dict()[k], v)
-    raw = load_model(tmp_path / "model.safetensors", ema=False)
-    for k, v in ddpm.model.state_dict().items():
-        assert torch.equal(raw.model.state_dict()[k], v)
-
-
-def test_nothing_is_unpickled(tmp_path, monkeypatch):
-    ddpm, ema, opt = trained_parts(1)
-    save_checkpoint(tmp_path, ddpm, 1, ema=ema, optimizer=opt, train_config=tiny_cfg())
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a checkpoint must not be unpickled")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
-    load_model(tmp_path)
-    load_checkpoint(tmp_path)
-
-
-@pytest.fixture
-def saved(tmp_path):
-    ddpm, ema, opt = trained_parts(1)
-    save_checkpoint(tmp_path, ddpm, 7, ema=ema, optimizer=opt, train_config=tiny_cfg())
-    return tmp_path
-
-
-def test_missing_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_model(tmp_path / "nowhere")
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_checkpoint(tmp_path)  # an empty folder
-
-
-@pytest.mark.parametrize("keep", [0.5, 0.999, 0.01])
-def test_truncated_checkpoint(saved, keep):
-    f = saved / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_model(saved)
-
-
-def test_garbage_and_foreign_safetensors(saved, tmp_path_factory):
-    other = tmp_path_factory.mktemp("foreign")
-    save_file({"weight": torch.zeros(3)}, str(other / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="not a ddpm-course checkpoint"):
-        load_model(other)
-    (other / "model.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_model(other)
-
-
-def test_truncated_or_foreign_config_json(saved):
-    cfg_file = saved / "config.json"
-    text = cfg_file.read_text()
-    cfg_file.write_text(text[: len(text) // 2])
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_model(saved)
-    cfg = json.loads(text)
-    cfg["net"]["config"]["dim"] = 16
-    cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="different runs"):
-        load_model(saved)
-
-
-def test_checkpoint_that_does_not_fit_its_network(saved):
-    "Weights of one network under the config of another: a clear error naming the mismatch, not a crash."
-    f = saved / "model.safetensors"
-    tensors = load_file(str(f))
-    from safetensors import safe_open
-    with safe_open(str(f), "pt") as h:
-        meta = h.metadata()
-    cfg = json.loads(meta["config"])
-    cfg["net"]["config"]["dim"] = 16
-    meta["config"] = json.dumps(cfg)
-    save_file(tensors, str(f), meta)
-    (saved / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="do not fit the model"):
-        load_model(saved)
-
-
-def test_a_stale_config_json_step_warns_and_the_weights_win(saved):
-    cfg_file = saved / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["step"] = 6  # as if the run died between renaming model.safetensors and config.json
-    cfg_file.write_text(json.dumps(cfg))
-    with pytest.warns(UserWarning, match="step 6"):
-        assert load_checkpoint(saved).step == 7
-
-
-def test_a_write_interrupted_midway_leaves_the_previous_checkpoint(saved, monkeypatch):
-    ddpm, ema, opt = trained_parts(2)
-
-    def dies_halfway(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_file", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(saved, ddpm, 8, ema=ema, optimizer=opt, train_config=tiny_cfg())
-    assert not list(saved.glob("*.tmp"))
-    assert load_checkpoint(saved).step == 7
-
-
-def test_a_process_killed_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
-    "SIGKILL a process that rewrites its checkpoint in a loop; whatever is on disk must load."
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_training import trained_parts, tiny_cfg
-        from ddpm_course.training import save_checkpoint
-        ddpm, ema, opt = trained_parts(1)
-        step = 0
-        while True:
-            step += 1
-            save_checkpoint({str(tmp_path)!r}, ddpm, step, ema=ema, optimizer=opt, train_config=tiny_cfg())
-            print(step, flush=True)
-    """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        for _ in range(3):  # let it write a few checkpoints, then kill it at an arbitrary moment
-            assert proc.stdout.readline(), "the checkpointing process died"
-        time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert load_checkpoint(tmp_path).step >= 3
-    load_model(tmp_path)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -340,3 +155,100 @@ def test_progress_without_a_terminal_is_short_lines(tmp_path, capsys, monkeypatc
     assert [line.split(",")[0] for line in lines] == [f"training: step {k}/6" for k in want_steps]
     last_logged = float(log_rows(tmp_path)[-1]["loss"])
     assert f", loss {last_logged:.4f}," in lines[-1] and lines[-1].endswith("steps/s")  # the final line has the final loss
+
+
+def test_train_on_your_own_tensors_and_network(tmp_path):
+    "The README's example: a tensor of images in [-1, 1] and a network of your own, in a few lines."
+    from ddpm_course import TrainConfig as TopTrainConfig, UNet, train as top_train
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8) * 2 - 1  # your images, N x C x H x W in [-1, 1]
+    net = UNet(8, dim_mults=(1, 2), channels=1, attn=("none", "none"), mid_attn="none", groups=4)
+    cfg = TopTrainConfig(steps=6, batch_size=16, timesteps=40, log_every=3, sample_every=6, checkpoint_every=3, n_samples=4)
+    result = top_train(cfg, tmp_path, data=x, net=net, progress=False)
+    assert result.step == 6 and result.ddpm.sample(2, seed=0).shape == (2, 1, 8, 8)
+    saved = load_checkpoint(tmp_path).config["train"]
+    assert saved["dataset"] is None and saved["unet"] is None and saved["steps"] == 6
+    again = train(dataclasses.replace(cfg, steps=9), tmp_path, data=x, net=UNet(**net.config), progress=False)
+    assert again.resumed_from == 6 and again.step == 9
+
+
+def test_train_on_a_dataset_of_points_with_the_toy_mlp(tmp_path):
+    from torch.utils.data import Dataset
+
+    from ddpm_course.unet import ToyMLP
+
+    class Ring(Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            a = torch.tensor(2 * torch.pi * i / 40)
+            return torch.stack([a.cos(), a.sin()]), 0  # (item, label): the label is ignored
+
+    result = train(tiny_cfg(steps=4, checkpoint_every=4), tmp_path, data=Ring(), net=ToyMLP(hidden=16, depth=1), progress=False)
+    assert result.ddpm.sample_shape == (2,) and not (tmp_path / "samples.png").exists()
+
+
+def test_bad_own_data_and_unsaveable_networks_fail_at_once(tmp_path):
+    with pytest.raises(ValueError, match=r"expected a float tensor \[N, C, H, W\]"):
+        train(tiny_cfg(), tmp_path, data=torch.zeros(10, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="data must be a torch Dataset or a tensor"):
+        train(tiny_cfg(), tmp_path, data=[1, 2, 3], progress=False)
+    with pytest.raises(CheckpointError, match="not a registered network"):
+        train(tiny_cfg(), tmp_path, data=torch.zeros(32, 1, 8, 8), net=torch.nn.Conv2d(1, 1, 1), progress=False)
+    with pytest.raises(ValueError, match="no data was passed"):
+        train(tiny_cfg(dataset=None), tmp_path, progress=False)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_ema_decay_warms_up_to_its_cap():
+    cfg = TrainConfig(ema_decay=0.999)
+    assert training.ema_decay_at(cfg, 0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update keeps 90% of the model
+    assert training.ema_decay_at(cfg, 90) == pytest.approx(91 / 100)
+    k = 8991  # (1 + k) / (10 + k) first reaches 0.999 at k = 8990
+    assert training.ema_decay_at(cfg, k - 2) < 0.999 and training.ema_decay_at(cfg, k) == 0.999
+    assert training.ema_decay_at(cfg, 10**6) == 0.999
+    assert training.ema_decay_at(TrainConfig(ema_decay=0.0), 5) == 0.0
+    decays = [training.ema_decay_at(cfg, s) for s in range(0, 20000, 7)]
+    assert decays == sorted(decays)  # never decreases
+
+
+def test_step_batches_cross_epochs_the_same_when_resumed():
+    sampler = training.StepBatchSampler(40, 16, seed=3)  # 2 batches per epoch: steps 1-2, 3-4, ...
+    straight = [next(it) for it in [iter(sampler)] for _ in range(9)]
+    assert all(sorted(straight[2 * e] + straight[2 * e + 1]) == sorted(set(straight[2 * e] + straight[2 * e + 1]))
+               for e in range(4))  # no item twice within an epoch
+    assert straight[0] != straight[2]  # each epoch has its own order
+    for start in (1, 2, 5):
+        resumed = iter(training.StepBatchSampler(40, 16, seed=3, start=start))
+        assert [next(resumed) for _ in range(9 - start)] == straight[start:]
+
+
+def test_resume_across_epoch_boundaries_matches_a_straight_run(tmp_path):
+    "40 items, batch 16: an epoch is 2 steps, so stopping at step 3 and resuming to 7 crosses three epoch starts."
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 8, 8) * 2 - 1
+    cfg = tiny_cfg(steps=7, checkpoint_every=3, log_every=1, sample_every=100)
+    train(cfg, tmp_path / "straight", data=x, progress=False)
+    train(dataclasses.replace(cfg, steps=3), tmp_path / "resumed", data=x, progress=False)
+    assert train(cfg, tmp_path / "resumed", data=x, progress=False).resumed_from == 3
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for group in ("model", "ema"):
+        for k in a.tensors[group]:
+            torch.testing.assert_close(a.tensors[group][k], b.tensors[group][k], rtol=1e-6, atol=1e-7)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+    assert drop(log_rows(tmp_path / "resumed")) == drop(log_rows(tmp_path / "straight"))
+
+
+def test_the_device_can_be_passed_explicitly(tmp_path):
+    "Every path that picks a device, given one: training, loading, sampling (on this machine's CPU)."
+    from ddpm_course.checkpoint import load_model
+    from ddpm_course.sampling import sample_ddim
+
+    cpu = torch.device("cpu")
+    assert training._amp_dtype(tiny_cfg(device="cpu", amp="none"), cpu) is None
+    result = train(tiny_cfg(device="cpu", amp="none", steps=3, checkpoint_every=3, sample_every=3), tmp_path, progress=False)
+    assert result.ddpm.device == cpu
+    model = load_model(tmp_path, device=cpu)
+    assert next(model.parameters()).device == cpu and sample_ddim(model, 2, steps=3, seed=0).device == cpu
