@@ -324,6 +324,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,  # fp16 loss scaler, if any
     train_config=None,  # the run's settings (a dataclass such as TrainConfig, or a dict), so that a rerun can resume
+    world_size: int = 1,  # processes that trained it (chapter 09c): a run with dropout resumes only on as many
 ) -> Path:
     "Write a DDPM checkpoint (weights, schedule, EMA, optimiser, RNG) atomically; return the .safetensors path."
     extra = {f"schedule.{k}": v for k, v in ddpm.schedule.state_dict().items()}
@@ -340,7 +341,8 @@ def save_checkpoint(
     if scaler is not None and scaler.is_enabled():
         metadata["scaler"] = json.dumps(scaler.state_dict())
     config = dict(loss_kind=ddpm.loss_kind, sample_shape=list(ddpm.sample_shape) if ddpm.sample_shape else None,
-                  prediction=ddpm.prediction, min_snr_gamma=ddpm.min_snr_gamma, train=_as_dict(train_config))
+                  prediction=ddpm.prediction, min_snr_gamma=ddpm.min_snr_gamma, train=_as_dict(train_config),
+                  world_size=int(world_size))
     return write_checkpoint(out_dir, ddpm.model, step, config, extra, metadata)
 
 

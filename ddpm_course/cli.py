@@ -20,6 +20,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, DiskFullError, RunLockedError, load_checkpoint, load_model,
                                     save_checkpoint)
 from .data import DatasetDownloadError, image_grid, to_uint8
+from .distributed import DistContext
 from .metrics import evaluate_samples
 from .sampling import sample_ddim
 from .solvers import SAMPLERS, network_calls, sample_with
@@ -142,7 +143,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("runs") / _run_name(args.dataset)
     t0 = time.perf_counter()
     grid = lambda ddpm, n, seed: sample_ddim(ddpm, n, steps=GRID_DDIM_STEPS, seed=seed)  # 20x cheaper than DDPM's 1000
-    result = train(cfg, out, progress=not args.no_progress, sampler=grid)
+    dp = DistContext.from_env(cfg.device)  # under torchrun, this process's rank (chapter 09c); else one process alone
+    try:
+        result = train(cfg, out, progress=not args.no_progress, sampler=grid, dist=dp)
+    finally:
+        dp.close()
+    if not dp.is_main:
+        return 0
     if result.resumed_from is not None and result.resumed_from >= cfg.steps:
         print(f"already finished: {out} holds step {result.resumed_from} of {cfg.steps}; raise --steps to train further")
     else:
@@ -350,3 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         torch.set_num_threads(threads)
+
+
+if __name__ == "__main__" and "__file__" in globals():  # `python -m ddpm_course.cli` (as torchrun -m runs it), not a notebook
+    sys.exit(main())

@@ -5,6 +5,7 @@
 # %% ../nbs/10_training.ipynb #e259756b
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import errno
@@ -25,6 +26,7 @@ from .checkpoint import (CheckpointError, DiskFullError, atomic_write, checkpoin
                                     network_name, run_lock, save_checkpoint)
 from .data import DATASETS, image_grid, load_dataset
 from .ddpm import DDPM
+from .distributed import DistContext, data_parallel, has_dropout
 from .fast import make_fast
 from .forward import check_int
 from .losses import LOSS_KINDS
@@ -129,10 +131,11 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 class StepBatchSampler(Sampler):
     "Index batches for steps start+1, start+2, ...: the batch of a step depends only on (seed, step), so resuming is exact."
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0,
+                 shard: slice = slice(None)):  # this process's part of each batch (`DistContext.shard`); default: all of it
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} is larger than the data set ({n} items)")
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.n, self.batch_size, self.seed, self.start, self.shard = n, batch_size, seed, start, shard
         self.per_epoch = n // batch_size  # the incomplete last batch of each epoch is dropped
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -141,7 +144,7 @@ class StepBatchSampler(Sampler):
             epoch, i = divmod(step, self.per_epoch)
             if i == 0 or step == self.start:
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            yield perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size][self.shard].tolist()
             step += 1
 
 # %% ../nbs/10_training.ipynb #7d3d06fb
@@ -162,7 +165,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     "What `train` returns."
-    ddpm: DDPM  # the model with the EMA weights, in eval mode
+    ddpm: DDPM  # the model with the EMA weights (on ranks other than 0, which keep no EMA, the trained ones), in eval mode
     step: int  # optimiser steps done
     resumed_from: int | None  # the checkpoint step this run continued from; None for a fresh run
     last_loss: float | None  # mean loss over the last logging interval of this run
@@ -211,18 +214,17 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
 
 
-def _device_and_amp(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
-    "The device to train on and the autocast dtype (None: full float32)."
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    "The autocast dtype for training on `device` (None: full float32)."
     if device.type != "cuda":
         if cfg.amp in ("bf16", "fp16"):
             raise ValueError(f"amp={cfg.amp!r} needs a CUDA device; this run is on {device} (use amp='auto' or 'none')")
-        return device, None
+        return None
     if cfg.amp == "none":
-        return device, None
+        return None
     if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
-        return device, torch.bfloat16
-    return device, torch.float16
+        return torch.bfloat16
+    return torch.float16
 
 
 def _check_resumable(saved: dict | None, cfg: TrainConfig, file: Path) -> None:
@@ -295,6 +297,7 @@ def train(
     sampler: Callable[[DDPM, int, int], Tensor] | None = None,  # (ddpm, n, seed) -> images for the grids; None: ddpm.sample
     data: Dataset | Tensor | None = None,  # your own training data (tensor [N, C, H, W] in [-1, 1], or a Dataset); None: cfg.dataset
     net: nn.Module | None = None,  # your own noise-prediction network (x, t) -> eps, registered for saving; None: cfg.unet's preset
+    dist: DistContext | None = None,  # this process's place in a data-parallel run; None: as torchrun says, or one process
 ) -> TrainResult:
     "Train a DDPM on `data` (or `cfg.dataset`) with `net` (or a U-Net preset): AdamW, warm-up, clipping, EMA, AMP on CUDA, logs, grids, checkpoints."
     if data is not None:  # the config that is saved says where the data did not come from
@@ -303,21 +306,23 @@ def train(
         network_name(net)  # fail now, not at the first checkpoint, if it cannot be saved
         cfg = replace(cfg, unet=None, unet_overrides={})
     out = Path(out_dir)
-    with run_lock(out):  # one training process per run folder (chapter 09b)
-        return _train(cfg, out, progress, sampler, data, net)
+    dp = DistContext.from_env(cfg.device) if dist is None else dist
+    with run_lock(out) if dp.is_main else contextlib.nullcontext():  # one writer per run folder (09b): rank 0
+        return _train(dp, cfg, out, progress, sampler, data, net)
 
 
-def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None, data, net: nn.Module | None) -> TrainResult:
+def _train(dp: DistContext, cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None, data, net: nn.Module | None) -> TrainResult:
     "The body of `train`, run while holding the folder's lock."
-    device, amp_dtype = _device_and_amp(cfg)
+    device, amp_dtype = dp.device, _amp_dtype(cfg, dp.device)
     if data is None and cfg.dataset is None:
         raise ValueError("cfg.dataset is None (the data passed to train()), but no data was passed")
     ds = _own_data(data) if data is not None else load_dataset(cfg.dataset, image_size=cfg.image_size)
     first = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
     torch.manual_seed(cfg.seed)
     ddpm = build_ddpm(cfg, tuple(first.shape), net).to(device)
-    ema = copy.deepcopy(ddpm.model).requires_grad_(False).eval()
-    ema_ddpm = DDPM(ema, ddpm.schedule, cfg.loss, ddpm.sample_shape, cfg.prediction, cfg.min_snr_gamma)
+    ema = copy.deepcopy(ddpm.model).requires_grad_(False).eval() if dp.is_main else None  # kept by rank 0 alone
+    ema_ddpm = DDPM(ddpm.model if ema is None else ema, ddpm.schedule, cfg.loss, ddpm.sample_shape, cfg.prediction,
+                    cfg.min_snr_gamma)
     params = [p for p in ddpm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -328,8 +333,12 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None
         _check_resumable(ck.config.get("train"), cfg, ck.path)
         if ck.optimizer is None or not ck.tensors["ema"]:
             raise CheckpointError(f"{str(ck.path)!r} holds no optimiser or EMA state, so training cannot resume from it")
+        if ck.config.get("world_size", 1) != dp.world_size and has_dropout(ddpm.model):
+            raise CheckpointError(f"the run in {str(out)!r} was trained on {ck.config.get('world_size', 1)} processes and "
+                                  f"this one has {dp.world_size}; with dropout only the same number resumes exactly")
         load_state(ddpm.model, ck.tensors["model"], "model weights", ck.path)
-        load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
+        if ema is not None:
+            load_state(ema, ck.tensors["ema"], "EMA weights", ck.path)
         try:
             opt.load_state_dict(ck.optimizer)
         except (ValueError, KeyError) as e:
@@ -338,18 +347,23 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None
             scaler.load_state_dict(ck.scaler)
         torch.set_rng_state(ck.tensors["rng"]["torch"])
         cuda_states = [v for k, v in sorted(ck.tensors["rng"].items()) if k.startswith("cuda.")]
-        if cuda_states and device.type == "cuda":
+        if cuda_states and device.type == "cuda" and dp.backend is not None:
+            torch.cuda.set_rng_state(cuda_states[0], device)  # every rank's generator was where rank 0's (cuda:0) was
+        elif cuda_states and device.type == "cuda":
             torch.cuda.set_rng_state_all(cuda_states)
         start = resumed_from = last_ckpt = ck.step
-        if progress:
+        if progress and dp.is_main:
             tqdm.write(f"resuming from the checkpoint at step {start} in {out}")
-    rows = _read_log(out / "log.csv", start)
-    _write_csv(out / "log.csv", rows)
+    rows = _read_log(out / "log.csv", start) if dp.is_main else []  # the log is rank 0's
+    if dp.is_main:
+        _write_csv(out / "log.csv", rows)
 
-    loader = DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), cfg.batch_size, cfg.seed, start),
+    part = dp.shard(cfg.batch_size)  # this rank's slice of every global batch
+    loader = DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), cfg.batch_size, cfg.seed, start, part),
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
-    bar = _progress(cfg.steps, start, "training", progress)
+    trainer = build_ddpm(cfg, ddpm.sample_shape, data_parallel(ddpm.model, dp)).to(device)  # the network under DDP (09c)
+    bar = _progress(cfg.steps, start, "training", progress and dp.is_main)
     total, count, last_loss, t0 = 0.0, 0, None, time.perf_counter()
     ddpm.train()
     try:
@@ -359,9 +373,11 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None
             lr = lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
+            t = torch.randint(0, ddpm.num_timesteps, (cfg.batch_size,), device=device)  # for the whole global batch,
+            noise = torch.randn((cfg.batch_size, *x0.shape[1:]), device=device, dtype=x0.dtype)  # alike on every rank
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = ddpm.loss(x0)
-            value = loss.item()
+                loss = trainer.loss(x0, t[part], noise[part])
+            value = dp.mean(loss).item()  # the global batch's loss
             if not math.isfinite(value):
                 kept = (f"the last good checkpoint (step {last_ckpt}) in {str(out)!r} is kept" if last_ckpt
                         else "no checkpoint had been written yet")
@@ -373,23 +389,27 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
             scaler.step(opt)
             scaler.update()
-            ema_update(ema, ddpm.model, ema_decay_at(cfg, step))
+            if ema is not None:
+                ema_update(ema, ddpm.model, ema_decay_at(cfg, step))
             total, count = total + value, count + 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 last_loss, elapsed = total / count, time.perf_counter() - t0
                 rows.append(dict(step=step, loss=f"{last_loss:.6g}", lr=f"{lr:.6g}", grad_norm=f"{float(grad_norm):.6g}",
                                  img_per_s=f"{count * cfg.batch_size / elapsed:.1f}"))
-                with open(out / "log.csv", "a", newline="") as f:
-                    csv.DictWriter(f, LOG_FIELDS).writerow(rows[-1])
+                if dp.is_main:
+                    with open(out / "log.csv", "a", newline="") as f:
+                        csv.DictWriter(f, LOG_FIELDS).writerow(rows[-1])
                 bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 total, count, t0 = 0.0, 0, time.perf_counter()
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if dp.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 if len(ddpm.sample_shape) == 3:  # images (not points of a toy data set)
                     _write_samples(ema_ddpm, cfg, out, step, sampler)
                 plot_log(out / "log.csv", out / "loss.png")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out, ddpm, step, ema=ema, optimizer=opt, scaler=scaler, train_config=cfg)
+                if dp.is_main:
+                    save_checkpoint(out, ddpm, step, ema=ema, optimizer=opt, scaler=scaler, train_config=cfg,
+                                    world_size=dp.world_size)
                 last_ckpt = step
     except (DiskFullError, OSError) as e:  # a full disk while writing log.csv, a grid or a checkpoint
         if not isinstance(e, DiskFullError) and e.errno != errno.ENOSPC:
@@ -400,6 +420,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, sampler: Callable | None
         raise DiskFullError(f"the disk holding {str(out)!r} is full (at step {step}); {kept}") from None
     finally:
         bar.close()
-    if start >= cfg.steps and progress:
+    dp.barrier()  # every rank returns once rank 0 has written the last checkpoint
+    if start >= cfg.steps and progress and dp.is_main:
         tqdm.write(f"the run in {out} is already at step {start} >= steps={cfg.steps}: nothing to do")
     return TrainResult(ema_ddpm.eval(), max(start, cfg.steps), resumed_from, last_loss, out)
