@@ -7,7 +7,6 @@ from diffusers.training_utils import compute_snr
 from torch import nn
 
 from ddpm_course.ddpm import DDPM, ddpm_step
-from ddpm_course.losses import loss_simple
 from ddpm_course.prediction import (PREDICTIONS, implied_eps_weight, min_snr_weight, prediction_from, snr, x0_eps_from,
                                     x0_eps_from_ab)
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule

@@ -11,7 +11,7 @@ from ddpm_course.ddpm import DDPM
 from ddpm_course.sampling import sample_ddim
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
 from ddpm_course.score import schedule_sigmas
-from ddpm_course.solvers import (SAMPLERS, KarrasDenoiser, dpmpp_2m_step, euler_step, karras_sigmas, network_calls,
+from ddpm_course.solvers import (SAMPLERS, KarrasDenoiser, karras_sigmas, network_calls,
                                  sample_solver, sample_with, sigma_to_t, solve)
 
 T = 1000
