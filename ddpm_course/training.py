@@ -35,11 +35,13 @@ from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
 from .unet import UNET_PRESETS, drop_labels, unet_preset
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'setting', 'TrainConfig', 'lr_at', 'ema_decay_at',
-           'ema_update', 'StepBatchSampler', 'build_ddpm', 'NonFiniteLossError', 'TrainResult', 'plot_log', 'train']
+__all__ = ['AMP_MODES', 'LR_DECAYS', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'BEFORE_FIELDS', 'setting',
+           'TrainConfig', 'lr_at', 'ema_decay_at', 'ema_update', 'StepBatchSampler', 'build_ddpm', 'NonFiniteLossError',
+           'TrainResult', 'plot_log', 'train']
 
 # %% ../nbs/10_training.ipynb #fdf6773c
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+LR_DECAYS = ("constant", "cosine")
 
 
 def setting(default, help: str, **cli):
@@ -68,6 +70,8 @@ class TrainConfig:
     steps: int = setting(4000, "optimiser steps in all; a resumed run continues up to this number")
     batch_size: int = setting(64, "images per optimiser step")
     lr: float = setting(1e-3, "peak learning rate of AdamW (after warm-up)")
+    lr_decay: str = setting("constant", "after the warm-up: constant, or cosine (half a cosine from lr down to 0 at the last step; "
+                            "a resumed run with more --steps stretches it)", choices=LR_DECAYS)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
     warmup: int = setting(200, "steps of linear learning-rate warm-up from 0 to lr")
     grad_clip: float | None = setting(1.0, "clip the gradient's global norm to this; none: no clipping")
@@ -100,6 +104,8 @@ class TrainConfig:
         check_prediction(self.prediction)
         if self.min_snr_gamma is not None and not (self.min_snr_gamma > 0 and math.isfinite(self.min_snr_gamma)):
             raise ValueError(f"min_snr_gamma must be a positive number or None, got {self.min_snr_gamma!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -115,8 +121,12 @@ class TrainConfig:
 
 # %% ../nbs/10_training.ipynb #25a273c5
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    "The learning rate for optimiser step `step` (1-based): linear warm-up over `cfg.warmup` steps, then constant."
-    return cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup else cfg.lr
+    "The learning rate for optimiser step `step` (1-based): linear warm-up over `cfg.warmup` steps, then constant or half a cosine to 0 at `cfg.steps`."
+    if step < cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    if cfg.lr_decay == "constant" or cfg.steps <= cfg.warmup:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / (cfg.steps - cfg.warmup)))
 
 
 def ema_decay_at(cfg: TrainConfig, step: int) -> float:
@@ -234,12 +244,15 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+BEFORE_FIELDS = {"lr_decay": "constant"}  # what runs did before a field existed, where today's default differs
+
+
 def _check_resumable(saved: dict | None, cfg: TrainConfig, file: Path) -> None:
     "A rerun may change only the fields in RESUMABLE_FIELDS."
     if saved is None:
         raise CheckpointError(f"{str(file)!r} has no training config, so it cannot be resumed")
     now = json.loads(json.dumps(asdict(cfg)))  # as it would read back from JSON (tuples become lists)
-    defaults = json.loads(json.dumps(asdict(TrainConfig())))  # fields added since the checkpoint was written
+    defaults = {**json.loads(json.dumps(asdict(TrainConfig()))), **BEFORE_FIELDS}  # fields added since the checkpoint was written
     diff = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
             if k not in RESUMABLE_FIELDS and saved.get(k, defaults[k]) != v]
     if diff:

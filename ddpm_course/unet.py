@@ -199,6 +199,7 @@ class UNet(nn.Module):
 # %% ../nbs/08_unet.ipynb #b5759f96
 UNET_PRESETS: dict[str, dict] = {
     "digits": dict(dim=32, dim_mults=(1, 2, 2), channels=1, num_res_blocks=1, attn=("none", "none", "full"), mid_attn="full"),
+    "digits_small": dict(dim=16, dim_mults=(1, 2, 2), channels=1, num_res_blocks=1, attn=("none", "none", "full"), mid_attn="full"),
     "blog": dict(
         dim=32, dim_mults=(1, 2, 4, 8), channels=3, num_res_blocks=2, attn="linear", mid_attn="full",
         weight_standardize=True, time_cond="scale_shift", time_act="gelu", groups=4, downsample="space_to_depth", init_kernel=1,

@@ -17,8 +17,9 @@ TINY = dict(dim=8, dim_mults=[1, 2], attn=["none", "none"], mid_attn="none", gro
 
 
 def tiny_cfg(**kw):
+    "A tiny run; a constant learning rate after warm-up, so that a run raised from 6 to 12 steps equals a straight one."
     base = dict(steps=12, batch_size=16, unet_overrides=TINY, timesteps=40, log_every=3, sample_every=6,
-                checkpoint_every=6, n_samples=4, warmup=4, seed=1)
+                checkpoint_every=6, n_samples=4, warmup=4, seed=1, lr_decay="constant")
     return TrainConfig(**{**base, **kw})
 
 
@@ -110,6 +111,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match=r"lr_decay must be one of \('constant', 'cosine'\), got 'linear'"):
+        TrainConfig(lr_decay="linear")
 
 
 def test_mixed_precision_is_refused_on_the_cpu(tmp_path):
@@ -133,10 +136,10 @@ def test_config_is_plain_data_that_round_trips_through_json():
 
 
 def test_warmup_and_ema():
-    cfg = TrainConfig(lr=1e-3, warmup=100)
+    cfg = TrainConfig(lr=1e-3, warmup=100, steps=5000, lr_decay="constant")
     assert lr_at(cfg, 1) == pytest.approx(1e-5) and lr_at(cfg, 50) == pytest.approx(5e-4)
     assert lr_at(cfg, 100) == lr_at(cfg, 5000) == 1e-3
-    assert lr_at(TrainConfig(warmup=0), 1) == TrainConfig().lr
+    assert lr_at(TrainConfig(warmup=0, lr_decay="constant"), 1) == TrainConfig().lr
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     want = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters())]
     ema_update(a, b, 0.9)
@@ -155,6 +158,30 @@ def test_progress_without_a_terminal_is_short_lines(tmp_path, capsys, monkeypatc
     assert [line.split(",")[0] for line in lines] == [f"training: step {k}/6" for k in want_steps]
     last_logged = float(log_rows(tmp_path)[-1]["loss"])
     assert f", loss {last_logged:.4f}," in lines[-1] and lines[-1].endswith("steps/s")  # the final line has the final loss
+
+
+@pytest.mark.parametrize("warmup, steps", [(100, 1000), (0, 37), (200, 1750)])
+def test_cosine_decay_follows_pytorchs_cosine_annealing_after_the_warmup(warmup, steps):
+    cfg = TrainConfig(lr=3e-3, warmup=warmup, steps=steps, lr_decay="cosine")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps - warmup)
+    want = []
+    for _ in range(warmup, steps + 1):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    got = [lr_at(cfg, k) for k in range(max(warmup, 1), steps + 1)]
+    assert got == pytest.approx(want[len(want) - len(got):], abs=1e-12)
+    assert lr_at(cfg, steps) == pytest.approx(0, abs=1e-15) and all(lr_at(cfg, k) == cfg.lr * k / warmup for k in range(1, warmup))
+
+
+def test_a_checkpoint_from_before_lr_decay_resumes_only_as_constant(tmp_path):
+    "Runs saved before the setting existed trained at a constant rate; resuming them with the cosine would change the run."
+    saved = json.loads(json.dumps(dataclasses.asdict(tiny_cfg())))
+    del saved["lr_decay"]
+    training._check_resumable(saved, tiny_cfg(lr_decay="constant"), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lr_decay: 'constant' -> 'cosine'"):
+        training._check_resumable(saved, tiny_cfg(lr_decay="cosine"), tmp_path / "model.safetensors")
 
 
 def test_train_on_your_own_tensors_and_network(tmp_path):
