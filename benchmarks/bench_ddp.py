@@ -1,6 +1,6 @@
 """Data-parallel training throughput (chapter 09c), with the commands recorded in benchmarks/RESULTS.md.
 
-Trains the same run (the default digits model, the same global batch) with `python -m ddpm_course.cli train` on
+Trains the same run (the `digits` U-Net, the same global batch) with `python -m ddpm_course.cli train` on
 one process and with `torchrun --standalone --nproc_per_node=N -m ddpm_course.cli train` on N processes (gloo on
 the CPU, NCCL on GPUs), one thread per process, and reads the images per second from each run's log.csv (the first
 logging interval, which holds the start-up, is left out). Prints a Markdown table and the ratio.
@@ -23,7 +23,7 @@ import torch
 
 def run(launcher: list[str], out: Path, args: argparse.Namespace, amp: str) -> tuple[float, float]:
     "Train into `out` under `launcher`; (images per second after the first log interval, wall seconds)."
-    cmd = [*launcher, "-m", "ddpm_course.cli", "train", "--out", str(out), "--steps", str(args.steps),
+    cmd = [*launcher, "-m", "ddpm_course.cli", "train", "--out", str(out), "--steps", str(args.steps), "--unet", "digits",
            "--batch-size", str(args.batch_size), "--log-every", str(args.log_every), "--device", args.device,
            "--amp", amp, "--threads", "1", "--no-progress"]
     t0 = time.perf_counter()

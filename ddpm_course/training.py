@@ -56,7 +56,7 @@ class TrainConfig:
     "Everything that defines a training run, as plain data (saved in config.json); `ddpm-course train` has an option for each field."
     dataset: str | None = setting("digits", f"a data set name ({', '.join(DATASETS)}) or a folder of images (None: data passed to train())")
     image_size: int | None = setting(None, "side of the square images; none: the data set's native size (digits: 8)")
-    unet: str | None = setting("digits", "U-Net preset, see UNET_PRESETS (None: a network passed to train())", choices=tuple(UNET_PRESETS))
+    unet: str | None = setting("digits_small", "U-Net preset, see UNET_PRESETS (None: a network passed to train())", choices=tuple(UNET_PRESETS))
     unet_overrides: dict = setting({}, "UNet constructor arguments that replace the preset's", cli=False)
     schedule: str = setting("linear", "beta schedule", choices=tuple(BETA_SCHEDULES))
     timesteps: int = setting(1000, "diffusion steps T")
@@ -67,10 +67,10 @@ class TrainConfig:
     conditional: bool = setting(False, "train a class-conditional model on the data set's labels, for classifier-free guidance "
                                 "(chapter 12d)")
     p_uncond: float = setting(0.1, "of a conditional model: the probability of training on the null label instead of the true one")
-    steps: int = setting(4000, "optimiser steps in all; a resumed run continues up to this number")
-    batch_size: int = setting(64, "images per optimiser step")
-    lr: float = setting(1e-3, "peak learning rate of AdamW (after warm-up)")
-    lr_decay: str = setting("constant", "after the warm-up: constant, or cosine (half a cosine from lr down to 0 at the last step; "
+    steps: int = setting(1750, "optimiser steps in all; a resumed run continues up to this number")
+    batch_size: int = setting(128, "images per optimiser step")
+    lr: float = setting(3e-3, "peak learning rate of AdamW (after warm-up)")
+    lr_decay: str = setting("cosine", "after the warm-up: constant, or cosine (half a cosine from lr down to 0 at the last step; "
                             "a resumed run with more --steps stretches it)", choices=LR_DECAYS)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
     warmup: int = setting(200, "steps of linear learning-rate warm-up from 0 to lr")

@@ -120,7 +120,8 @@ def test_attention_per_level():
 
 
 def test_presets():
-    assert set(UNET_PRESETS) >= {"digits", "blog", "ddpm_cifar10"}
+    assert set(UNET_PRESETS) >= {"digits", "digits_small", "blog", "ddpm_cifar10"}
+    assert unet_preset("digits_small").config == unet_preset("digits", dim=16).config  # the same layout at half the width
     digits = unet_preset("digits")
     assert digits.channels == 1 and digits.downsample_factor <= 8
     assert 0.8e6 < n_params(digits) < 2e6
