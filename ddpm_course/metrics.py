@@ -229,7 +229,7 @@ def class_entropy(labels: np.ndarray | torch.Tensor, n_classes: int) -> float:
     "Entropy (nats) of the histogram of predicted class labels; ln(n_classes) when every class is equally frequent."
     counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: a single class gives 0.0, not -0.0
 
 # %% ../nbs/12_evaluation.ipynb #b620499b
 @torch.no_grad()
