@@ -5,7 +5,9 @@ Euler and Heun at a budget of 5, 10, 20 and 50 network calls per image (Heun mak
 largest step count within the budget), and with DDPM in all T = 1000 steps; time each on this CPU (wall time per image)
 and score it with chapter 12's held-out evaluation (`ddpm_course.metrics.evaluate_samples`: Fréchet distance to the
 held-out test digits, the floor, 95% intervals over disjoint sets). The solvers run on each noise-level spacing of
---spacings (`solver_sigmas`), DDIM with each noise level of --etas. Prints a Markdown table and updates the JSON file:
+--spacings (`solver_sigmas`), DDIM with each noise level of --etas. Each row keeps the FD of every set as well: all deterministic
+samplers start from the same noise, so their differences can be taken set by set (paired), which resolves far smaller
+differences than the intervals of each row. Prints a Markdown table and updates the JSON file:
 a row measured again replaces the old one (same sampler, steps, spacing and eta), the others are kept with their dates.
 
     python benchmarks/bench_frontier.py                                  # everything: about an hour on one busy thread
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm_course.metrics import evaluate_samples, load_classifier
+from ddpm_course.data import load_dataset
+from ddpm_course.metrics import evaluate_samples, extract_features, frechet_distance, gaussian_stats, load_classifier
 from ddpm_course.solvers import SAMPLERS, SIGMA_SPACINGS, SOLVERS, network_calls, sample_with
 from ddpm_course.checkpoint import load_model
 
@@ -32,6 +35,15 @@ from ddpm_course.checkpoint import load_model
 def key(row: dict) -> tuple:
     "What identifies a measurement: the sampler, its steps, the solvers' spacing and DDIM's eta."
     return row["sampler"], row["steps"], row.get("spacing"), row.get("eta")
+
+
+def set_fds(x: torch.Tensor, clf, sets: int, seed: int) -> list[float]:
+    "The FD of each of the disjoint sets evaluate_samples cuts `x` into (its fd is their mean): samplers started from the same noise pair up set by set."
+    pool = load_dataset("digits", clf.image_size, split="test", channels=clf.config["channels"]).images
+    pool_stats = gaussian_stats(extract_features(clf, pool)[0])
+    features = extract_features(clf, x[torch.randperm(len(x), generator=torch.Generator().manual_seed(2 * seed + 1))])[0]
+    n = len(features) // sets
+    return [frechet_distance(*gaussian_stats(features[i * n:(i + 1) * n]), *pool_stats) for i in range(sets)]
 
 
 def steps_for(sampler: str, budget: int) -> int:
@@ -61,8 +73,8 @@ def main() -> None:
     print(header)
     print("\n| sampler | spacing / eta | steps | network calls | wall s | ms / image | FD [95%] | floor [95%] | FD / floor [95%] |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    runs = [(s, steps_for(s, b), variant) for b in args.budgets for s in args.samplers if s != "ddpm"
-            for variant in (dict(spacing=sp) for sp in args.spacings) if s in SOLVERS else (dict(eta=e) for e in args.etas)]
+    variants = lambda s: [dict(spacing=sp) for sp in args.spacings] if s in SOLVERS else [dict(eta=e) for e in args.etas]
+    runs = [(s, steps_for(s, b), v) for b in args.budgets for s in args.samplers if s != "ddpm" for v in variants(s)]
     runs += [("ddpm", ddpm.num_timesteps, {})] if "ddpm" in args.samplers else []
     path = Path(args.json)
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -71,9 +83,11 @@ def main() -> None:
         x = sample_with(sampler, ddpm, args.n, steps, seed=args.seed, batch_size=500, **variant)
         seconds = time.perf_counter() - t0
         r = evaluate_samples(x, "digits", clf, n_sets=args.sets, seed=args.seed)
+        per_set = set_fds(x, clf, args.sets, args.seed)
+        assert abs(sum(per_set) / len(per_set) - r.fd) < 1e-9, "the per-set FDs must be evaluate_samples' sets"
         row = dict(sampler=sampler, **variant, steps=steps, calls=network_calls(sampler, steps, ddpm.num_timesteps), seconds=seconds,
                    ms_per_image=1000 * seconds / args.n, date=time.strftime("%Y-%m-%d %H:%M"), load=os.getloadavg()[0],
-                   **{k: v for k, v in asdict(r).items() if k != "memorisation"})
+                   **{k: v for k, v in asdict(r).items() if k != "memorisation"}, set_fds=per_set)
         rows = [old for old in rows if key(old) != key(row)] + [row]
         print(f"| {sampler} | {'/'.join(str(v) for v in variant.values())} | {steps} | {row['calls']} | {seconds:.1f} | "
               f"{row['ms_per_image']:.2f} | {r.fd:.2f} [{r.fd_low:.2f}, {r.fd_high:.2f}] | "
