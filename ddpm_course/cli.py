@@ -21,14 +21,16 @@ from .checkpoint import (CheckpointError, DiskFullError, RunLockedError, load_ch
                                     save_checkpoint)
 from .data import DatasetDownloadError, image_grid, to_uint8
 from .distributed import DistContext
-from .metrics import evaluate_samples
+from .guidance import DEFAULT_GUIDANCE, class_rows, sample_guided
+from .metrics import classifier_for, evaluate_samples, extract_features, load_classifier
 from .sampling import sample_ddim
 from .solvers import SAMPLERS, SIGMA_SPACINGS, SOLVERS, network_calls, sample_with
 from .training import NonFiniteLossError, TrainConfig, train
 
 # %% auto #0
 __all__ = ['PROG', 'EXAMPLES', 'METAVARS', 'GRID_DDIM_STEPS', 'DEBUG_ENV', 'RUN_ERRORS', 'USER_ERRORS', 'INPUT_ERRORS',
-           'cmd_train', 'cmd_sample', 'read_samples', 'cmd_eval', 'export_model', 'cmd_export', 'build_parser', 'main']
+           'cmd_train', 'cmd_sample', 'read_samples', 'read_labels', 'cmd_eval', 'export_model', 'cmd_export',
+           'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #37171c4d
 PROG = "ddpm-course"
@@ -105,6 +107,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if not f.metadata.get("cli", True):
             continue
         base, optional = f.type.split("|")[0].strip(), "None" in f.type
+        if base == "bool":  # a switch, off by default
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", help=f.metadata.get("help"))
+            continue
         cast = {"int": int, "float": float, "str": str}[base]
         kind = _none_or(cast) if optional and base != "str" else cast
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"),  # a field without help fails the test of --help
@@ -143,6 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("runs") / _run_name(args.dataset)
     t0 = time.perf_counter()
     grid = lambda ddpm, n, seed: sample_ddim(ddpm, n, steps=GRID_DDIM_STEPS, seed=seed)  # 20x cheaper than DDPM's 1000
+    if cfg.conditional:  # the grid's rows are the classes in turn, drawn with guidance (chapter 12d)
+        grid = lambda ddpm, n, seed: sample_guided(ddpm, class_rows(ddpm.model.num_classes, n), DEFAULT_GUIDANCE, "ddim",
+                                                   GRID_DDIM_STEPS, seed=seed)
     dp = DistContext.from_env(cfg.device)  # under torchrun, this process's rank (chapter 09c); else one process alone
     try:
         result = train(cfg, out, progress=not args.no_progress, sampler=grid, dist=dp)
@@ -165,7 +173,8 @@ def _add_sample_parser(sub) -> None:
         "sample", formatter_class=_Formatter, help="draw images from a trained model",
         description="Draw images from a checkpoint and write OUT/samples.npz (array `images`, uint8, N x H x W x C) "
                     "and OUT/grid.png (the first 256 images).",
-        epilog="example:\n  ddpm-course sample --checkpoint pretrained:digits --n 64 --sampler ddim --steps 50 --out samples/")
+        epilog="examples:\n  ddpm-course sample --checkpoint pretrained:digits --n 64 --sampler ddim --steps 50 --out samples/\n"
+               "  ddpm-course sample --checkpoint pretrained:digits_cond --class 3 --guidance 2 --out threes/")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a folder written by `ddpm-course train`, or pretrained:NAME for a model shipped with the package (pretrained:digits)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for samples.npz and grid.png (created if missing)")
@@ -176,7 +185,13 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="steps of ddim (default 50) and of the solvers (default 20; heun makes 2 network calls a step); "
                         "not used by --sampler ddpm, which takes all T")
-    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (unconditional models)")
+    p.add_argument("--class", dest="label", type=_nonneg_int, default=None, metavar="C",
+                   help="of a class-conditional model: draw class C only (default: every class equally often; the grid shows "
+                        "one row per class)")
+    p.add_argument("--guidance", type=_nonneg_float, default=None, metavar="S",
+                   help="of a class-conditional model: the classifier-free guidance scale s = 1 + w (0: unconditional, "
+                        f"1: conditional, more: stronger; default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--spacing", choices=SIGMA_SPACINGS, default=None,
                    help="noise levels of the solvers: trailing (even in t, as DDIM; the default), karras (Karras et al., rho 7) "
                         "or lambda (even in log sigma)")
@@ -196,22 +211,50 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.sampler not in SOLVERS and args.spacing is not None:
         raise ValueError(f"--spacing is for the ODE solvers {', '.join(SOLVERS)}, not {args.sampler}")
     ddpm = load_model(args.checkpoint)
+    k = getattr(ddpm.model, "num_classes", None)  # None: an unconditional model
+    if k is None and (args.label is not None or args.guidance is not None):
+        raise ValueError(f"--class and --guidance need a class-conditional model (trained with --conditional); "
+                         f"{args.checkpoint} is unconditional")
+    if k is not None and args.label is not None and args.label >= k:
+        raise ValueError(f"--class must be in 0..{k - 1} (this model has {k} classes), got {args.label}")
+    if k is not None and args.eta != 0:
+        raise ValueError("--eta is for unconditional models; guided DDIM is deterministic")
+    if k is not None and args.spacing is not None:
+        raise ValueError("--spacing is for unconditional models; guided solvers use the default levels (trailing)")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     kw = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-    if args.sampler == "ddim":
+    labels = None
+    if k is not None:
+        labels = torch.full((args.n,), args.label) if args.label is not None else class_rows(k, args.n)
+        scale = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+        x = sample_guided(ddpm, labels, scale, args.sampler, args.steps, **kw)
+    elif args.sampler == "ddim":
         x = sample_ddim(ddpm, args.n, steps=args.steps or 50, eta=args.eta, **kw)
     else:
         x = sample_with(args.sampler, ddpm, args.n, args.steps, **({} if args.spacing is None else dict(spacing=args.spacing)), **kw)
     seconds = time.perf_counter() - t0
     images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
-    np.savez_compressed(args.out / "samples.npz", images=images)
-    image_grid(torch.from_numpy(images[:256]).permute(0, 3, 1, 2)).save(args.out / "grid.png")
+    arrays = dict(images=images) if labels is None else dict(images=images, labels=labels.numpy())
+    np.savez_compressed(args.out / "samples.npz", **arrays)
+    _sample_grid(images, labels if args.label is None else None).save(args.out / "grid.png")
     steps = ddpm.num_timesteps if args.sampler == "ddpm" else args.steps or (50 if args.sampler == "ddim" else 20)
     calls = network_calls(args.sampler, steps, ddpm.num_timesteps)
-    print(f"{args.n} samples ({args.sampler}, {steps} steps, {calls} network calls, {seconds:.1f} s, {1000 * seconds / args.n:.1f} ms/image) "
-          f"written to {args.out / 'samples.npz'} and {args.out / 'grid.png'}")
+    what = "" if k is None else f", class {args.label}" if args.label is not None else f", {k} classes"
+    what += "" if k is None else f", guidance s = {scale:g}" + (" on doubled batches" if scale not in (0, 1) else "")
+    print(f"{args.n} samples ({args.sampler}, {steps} steps, {calls} network calls{what}, {seconds:.1f} s, "
+          f"{1000 * seconds / args.n:.1f} ms/image) written to {args.out / 'samples.npz'} and {args.out / 'grid.png'}")
     return 0
+
+
+def _sample_grid(images: np.ndarray, labels: torch.Tensor | None):
+    "The grid of grid.png: the first 256 images; with labels (every class), one row per class of as many as all classes have."
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    if labels is None or int(torch.bincount(labels).min()) == 0:  # fewer images than classes: no rows
+        return image_grid(x[:256])
+    per = min(16, int(torch.bincount(labels).min()))
+    rows = [x[labels == c][:per] for c in range(int(labels.max()) + 1)]
+    return image_grid(torch.cat(rows), nrow=per)
 
 # %% ../nbs/13_cli.ipynb #2c5e7f23
 def _add_eval_parser(sub) -> None:
@@ -260,6 +303,17 @@ def read_samples(path: str | Path) -> np.ndarray:
     return images
 
 
+def read_labels(path: str | Path, n: int) -> np.ndarray | None:
+    "The `labels` array of a samples.npz (the class asked for, one per image), checked; None when it has none."
+    with np.load(path, allow_pickle=False) as npz:
+        if "labels" not in npz.files:
+            return None
+        labels = npz["labels"]
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"'labels' in {str(path)!r} must be {n} integers, one per image, got {labels.dtype} {labels.shape}")
+    return labels
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     "Run `ddpm-course eval`."
     images = read_samples(args.samples)
@@ -267,6 +321,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.samples}: {len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, "
           f"compared with held-out {args.dataset} images")
     print(report)
+    labels = read_labels(args.samples, len(images))
+    if labels is not None:  # samples of a class-conditional model: did each come out as the class asked for?
+        clf = classifier_for(args.dataset) if args.classifier is None else load_classifier(args.classifier)
+        predicted = extract_features(clf, images)[1]
+        print(f"requested class recognised by the classifier in {(predicted == labels).mean():.1%} of the samples "
+              f"(chance: {1 / clf.config['n_classes']:.0%})")
     return 0
 
 # %% ../nbs/13_cli.ipynb #52d01643

@@ -20,7 +20,8 @@ from .forward import check_int
 # %% auto #0
 __all__ = ['DATASETS', 'NATIVE_SIZES', 'IMAGE_EXTENSIONS', 'SPLITS', 'DIGITS_TEST_SIZE', 'TOY_2D', 'from_uint8', 'to_uint8',
            'ImageTensorDataset', 'load_digits_with_labels', 'ImageFolderDataset', 'DatasetDownloadError',
-           'default_root', 'load_dataset', 'get_dataloader', 'image_grid', 'make_toy_2d', 'load_sample_photo']
+           'default_root', 'load_dataset', 'num_classes', 'get_dataloader', 'image_grid', 'make_toy_2d',
+           'load_sample_photo']
 
 # %% ../nbs/05_data.ipynb #dc891adc
 def from_uint8(u: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
@@ -125,9 +126,10 @@ def _image_transform(image_size: int, mode: str, hflip: bool = False):
 
 
 class ImageFolderDataset(Dataset):
-    "Every image file under `root` (recursive), resized and centre-cropped to S x S, in [-1, 1]."
+    "Every image file under `root` (recursive), resized and centre-cropped to S x S, in [-1, 1]; with labels, one sub-folder per class."
 
-    def __init__(self, root: str | Path, image_size: int = 64, channels: int | None = None, hflip: bool = False):
+    def __init__(self, root: str | Path, image_size: int = 64, channels: int | None = None, hflip: bool = False,
+                 with_labels: bool = False):  # items (image, label): the index of the image's top-level sub-folder in `classes` (sorted names)
         root = Path(root)
         _check_size(image_size)
         if not root.is_dir():
@@ -150,14 +152,24 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         self.channels, self.image_size = channels, image_size
         self.transform = _image_transform(image_size, "L" if channels == 1 else "RGB", hflip)
+        self.classes, self.labels = None, None
+        if with_labels:
+            loose = [p.name for p in self.files if p.parent == root]
+            if loose:
+                raise ValueError(f"labels need one sub-folder per class under {str(root)!r}, but {len(loose)} image file(s) "
+                                 f"lie directly in it ({', '.join(loose[:3])})")
+            top = [p.relative_to(root).parts[0] for p in self.files]
+            self.classes = sorted(set(top))
+            self.labels = torch.tensor([self.classes.index(c) for c in top])
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         try:
             with Image.open(self.files[i]) as im:
-                return self.transform(im)
+                image = self.transform(im)
+                return image if self.labels is None else (image, self.labels[i])
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {self.files[i]}: {e}") from e
 
@@ -214,7 +226,7 @@ def load_dataset(
     image_size: int | None = None,  # side of the square images; None: the set's native size (folders: 64)
     split: str = "train",  # "train", "test" or "all" (folders have no split: use "train" or "all")
     root: str | Path | None = None,  # download folder for torchvision sets; None: default_root()
-    with_labels: bool = False,  # items are (image, label) instead of image (named sets only)
+    with_labels: bool = False,  # items are (image, label) instead of image (a folder: one sub-folder per class)
     channels: int | None = None,  # force 1 (grayscale) or 3 (RGB); None: the set's own
     hflip: bool = False,  # random horizontal flips (augmentation; not for digits)
     download: bool = True,  # let torchvision download a missing set
@@ -245,12 +257,26 @@ def load_dataset(
         return ds if with_labels else _DropLabels(ds)
     path = Path(name)
     if path.is_dir():
-        if with_labels:
-            raise ValueError("an image folder has no labels; with_labels=True is only for named data sets")
         if split == "test":
             raise ValueError("an image folder has no test split; use split='train' or 'all'")
-        return ImageFolderDataset(path, image_size or 64, channels, hflip)
+        return ImageFolderDataset(path, image_size or 64, channels, hflip, with_labels)
     raise ValueError(f"unknown data set {str(name)!r}: expected one of {DATASETS} or the path of an existing folder of images")
+
+# %% ../nbs/05_data.ipynb #09e147d4
+def num_classes(ds: Dataset) -> int:
+    "How many classes a data set of (image, label) items has: len(ds.classes) where it says, else 1 + its largest label."
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        return max(num_classes(part) for part in ds.datasets)
+    if getattr(ds, "classes", None) is not None:
+        return len(ds.classes)
+    first = ds[0] if len(ds) else None
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        what = f"{len(first)}-tuples" if isinstance(first, (tuple, list)) else f"{type(first).__name__}s"
+        raise ValueError(f"a class-conditional model needs (image, label) items, but this data set's items are {what} without labels")
+    labels = getattr(ds, "labels", None)
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+    return int(labels.max()) + 1
 
 # %% ../nbs/05_data.ipynb #9da1aaf5
 def get_dataloader(

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .forward import check_int, extract, noise_like
+from .forward import check_int, check_timesteps, extract, noise_like
 from .losses import LOSS_KINDS, loss_simple
 from .prediction import check_prediction, min_snr_weight, prediction_from, snr, x0_eps_from
 from .schedules import NoiseSchedule, linear_beta_schedule
-from .unet import ToyMLP
+from .unet import ToyMLP, drop_labels
 
 # %% auto #0
 __all__ = ['VARIANCES', 'p_mean_variance_from_eps', 'ddpm_step', 'eval_mode', 'DDPM', 'GaussianEps', 'gaussian_reverse_moments',
@@ -118,23 +118,24 @@ class DDPM(nn.Module):
     def device(self) -> torch.device:
         return self.schedule.betas.device
 
-    def predict_noise(self, xt: Tensor, t: int | Tensor) -> Tensor:
-        "eps_theta(x_t, t): the network's output, converted to the noise when it predicts x0 or v; `t` an int or a LongTensor [B]."
+    def predict_noise(self, xt: Tensor, t: int | Tensor, y: Tensor | None = None) -> Tensor:
+        "eps_theta(x_t, t[, y]): the network's output, converted to the noise when it predicts x0 or v; `t` an int or a LongTensor [B]."
         t = _timestep_batch(t, xt.shape[0], self.num_timesteps, xt.device)
-        out = self.model(xt, t)
+        out = self.model(xt, t) if y is None else self.model(xt, t, y)
         return out if self.prediction == "eps" else x0_eps_from(self.prediction, out, xt, t, self.schedule)[1]
 
-    def loss(self, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
-        "L_simple for a batch of data: t uniform on 0..T-1, x_t = q_sample(x_0, t, eps), distance(network(x_t, t), target)."
+    def loss(self, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        "L_simple for a batch of data: t uniform on 0..T-1, x_t = q_sample(x_0, t, eps), distance(network(x_t, t[, y]), target)."
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.schedule.q_sample(x0, t, noise)
         target = prediction_from(self.prediction, x0, noise, t, self.schedule)  # the noise itself for "eps"
+        out = self.model(xt, t) if y is None else self.model(xt, t, y)  # y: class labels of a conditional network (08)
         if self.min_snr_gamma is None:
-            return loss_simple(self.model(xt, t), target, kind=self.loss_kind)
-        per_example = loss_simple(self.model(xt, t), target, kind=self.loss_kind, reduction="none").flatten(1).mean(1)
+            return loss_simple(out, target, kind=self.loss_kind)
+        per_example = loss_simple(out, target, kind=self.loss_kind, reduction="none").flatten(1).mean(1)
         return (min_snr_weight(self.prediction, snr(self.schedule, t), self.min_snr_gamma) * per_example).mean()
 
     forward = loss
@@ -246,19 +247,31 @@ def train_toy(
     seed: int = 0,  # seeds torch's global generator (the weights, the batches, t and the noise)
     batch_size: int = 256,
     lr: float = 3e-3,  # peak learning rate of the one-cycle schedule
+    labels: Tensor | None = None,  # class labels [n] in 0..K-1: train a class-conditional ToyMLP (chapter 12d)
+    p_uncond: float = 0.1,  # with labels: the probability of showing the null label instead (`drop_labels`)
 ) -> tuple[DDPM, list[float]]:
-    "Train a fresh `ToyMLP` on `data` with AdamW and a one-cycle learning rate; return the DDPM and every step's loss."
+    "Train a fresh `ToyMLP` on `data` (and `labels`) with AdamW and a one-cycle learning rate; return the DDPM and every step's loss."
     if data.ndim != 2:
         raise ValueError(f"data must be points [n, d], got shape {list(data.shape)}")
+    num_classes = None
+    if labels is not None:
+        num_classes = int(labels.max()) + 1 if isinstance(labels, Tensor) and labels.numel() else 1
+        check_timesteps(labels, num_classes, len(data), "labels", "class labels")  # integers >= 0, one per point
+        if loss_fn is not None:
+            raise ValueError("train_toy takes a loss_fn or labels, not both (labels train with DDPM.loss)")
     torch.manual_seed(seed)
     schedule = schedule if schedule is not None else NoiseSchedule(linear_beta_schedule(1000))
-    ddpm = DDPM(ToyMLP(dim=data.shape[1]), schedule, sample_shape=(data.shape[1],))
-    loss_fn = loss_fn or (lambda ddpm, x0: ddpm.loss(x0))
+    ddpm = DDPM(ToyMLP(dim=data.shape[1], num_classes=num_classes), schedule, sample_shape=(data.shape[1],))
+    loss_fn = loss_fn or (lambda ddpm, x0, y=None: ddpm.loss(x0, y=y))
     opt = torch.optim.AdamW(ddpm.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     losses = []
     for _ in range(steps):
-        loss = loss_fn(ddpm, data[torch.randint(len(data), (batch_size,))])
+        idx = torch.randint(len(data), (batch_size,))
+        if num_classes is None:
+            loss = loss_fn(ddpm, data[idx])
+        else:
+            loss = loss_fn(ddpm, data[idx], drop_labels(labels[idx], p_uncond, num_classes))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -29,16 +29,22 @@ def check_betas(betas: Tensor) -> Tensor:
     return b
 
 # %% ../nbs/01_forward_process.ipynb #05719f01
-def check_timesteps(t: Tensor, num_timesteps: int, batch_size: int | None = None) -> None:
+def check_timesteps(
+    t: Tensor,  # the tensor to check
+    num_timesteps: int,  # values must lie in 0..num_timesteps-1
+    batch_size: int | None = None,  # its required length; None: any
+    name: str = "t",  # the argument's name, for the message
+    what: str = "0-based timesteps",  # what the values are, for the message (the same check serves class labels)
+) -> None:
     "Check that `t` is a 1-D integer tensor (of length `batch_size` if given) with values in 0..num_timesteps-1."
     if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         got = f"a tensor of dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"t must be an integer tensor (LongTensor) of timesteps, got {got}")
+        raise ValueError(f"{name} must be an integer tensor (LongTensor) of {what}, got {got}")
     if t.ndim != 1 or (batch_size is not None and t.shape[0] != batch_size):
-        want = f"[{batch_size}] (one timestep per batch element)" if batch_size is not None else "[B]"
-        raise ValueError(f"t must be a 1-D tensor of shape {want}, got shape {list(t.shape)}")
+        want = f"[{batch_size}] (one per batch element)" if batch_size is not None else "[B]"
+        raise ValueError(f"{name} must be a 1-D tensor of shape {want}, got shape {list(t.shape)}")
     if t.numel() and t.device.type == "cpu" and (t.min() < 0 or t.max() >= num_timesteps):  # see below: not on a GPU
-        raise ValueError(f"t must lie in 0..{num_timesteps - 1} (0-based timesteps), "
+        raise ValueError(f"{name} must lie in 0..{num_timesteps - 1} ({what}), "
                          f"got values from {t.min().item()} to {t.max().item()}")
 
 # %% ../nbs/01_forward_process.ipynb #b866bf2c

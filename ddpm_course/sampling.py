@@ -17,7 +17,8 @@ from .forward import check_int, noise_like
 from .schedules import NoiseSchedule
 
 # %% auto #0
-__all__ = ['SPACINGS', 'ddim_step', 'ddim_timesteps', 'sample_ddpm', 'sample_ddim', 'interpolate_diffusion', 'slerp', 'ddpm_step']
+__all__ = ['SPACINGS', 'ddim_step', 'ddim_timesteps', 'run_generator', 'sample_ddpm', 'sample_ddim', 'interpolate_diffusion',
+           'slerp', 'ddpm_step']
 
 # %% ../nbs/11_sampling.ipynb #57281a94
 _all_ = ["ddpm_step"]
@@ -79,6 +80,13 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") ->
     return [int(t) for t in ts]
 
 # %% ../nbs/11_sampling.ipynb #a062fc9d
+def run_generator(device: torch.device, seed: int | None, generator: torch.Generator | None = None) -> torch.Generator | None:
+    "The generator of a sampling run: `generator` if given, else a private one seeded with `seed`, else None (torch's global)."
+    if generator is not None:
+        return generator
+    return torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+
 def _chunks(n: int, batch_size: int | None) -> list[slice]:
     "Slices that cover range(n) in pieces of at most `batch_size` (all of it when None)."
     if batch_size is None:
@@ -104,10 +112,11 @@ def sample_ddpm(
     return_intermediates: bool = False,  # also return all states x_T .. x_0, stacked [T+1, N, ...] on the CPU
     clip_x0: bool = True,  # clip each predicted x_0 to [-1, 1]
     variance: str = "fixed_small",  # "fixed_small" or "fixed_large"
+    generator: torch.Generator | None = None,  # draw all noise from this generator (overrides `seed`)
 ) -> Tensor | tuple[Tensor, Tensor]:
     "Ancestral DDPM sampling with all T steps, in batches."
     shape = ddpm.batch_shape(n_or_shape)
-    g = torch.Generator(ddpm.device).manual_seed(seed) if seed is not None else None
+    g = run_generator(ddpm.device, seed, generator)
     outs = [ddpm.sample((sl.stop - sl.start, *shape[1:]), progress=progress, return_intermediates=return_intermediates,
                         clip_x0=clip_x0, variance=variance, generator=g) for sl in _chunks(shape[0], batch_size)]
     return _finish(outs, return_intermediates)
@@ -144,10 +153,11 @@ def sample_ddim(
     clip_x0: bool = True,  # clip each predicted x_0 to [-1, 1]
     xt: Tensor | None = None,  # start from these latents x_T instead of fresh noise
     set_alpha_to_one: bool = True,  # end at alpha-bar = 1 (x0_hat); False: at alpha-bar_0, as diffusers' set_alpha_to_one=False
+    generator: torch.Generator | None = None,  # draw all noise from this generator (overrides `seed`)
 ) -> Tensor | tuple[Tensor, Tensor]:
     "DDIM sampling (Song et al. 2021) with any number of steps and any eta, in batches."
     ts = ddim_timesteps(ddpm.num_timesteps, steps, spacing)
-    g = torch.Generator(ddpm.device).manual_seed(seed) if seed is not None else None
+    g = run_generator(ddpm.device, seed, generator)
     if xt is None:
         xt = torch.randn(ddpm.batch_shape(n_or_shape), generator=g, device=ddpm.device)
     elif n_or_shape is not None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .ddpm import DDPM, eval_mode
 from .prediction import x0_eps_from_ab
 from .forward import check_int
-from .sampling import _chunks, ddim_timesteps, sample_ddim, sample_ddpm
+from .sampling import _chunks, ddim_timesteps, run_generator, sample_ddim, sample_ddpm
 from .schedules import NoiseSchedule
 from .score import schedule_sigmas
 
@@ -185,11 +185,12 @@ def sample_solver(
     seed: int | None = None,  # seed of the starting noise; None: torch's global generator
     progress: bool = False,
     xt: Tensor | None = None,  # start from these x_T (the DDPM variable, as in sample_ddim) instead of fresh noise
+    generator: torch.Generator | None = None,  # draws the starting noise (overrides `seed`)
 ) -> Tensor:
     "Sample by solving the probability-flow ODE from sigma(T-1) down to 0 on the levels of `spacing`: DPM-Solver++ 2M, Euler or Heun."
     _check_steps(solver, steps)
     sigmas = solver_sigmas(ddpm.schedule, steps, spacing, rho)
-    g = torch.Generator(ddpm.device).manual_seed(seed) if seed is not None else None
+    g = run_generator(ddpm.device, seed, generator)
     if xt is None:
         xt = torch.randn(ddpm.batch_shape(n_or_shape), generator=g, device=ddpm.device)
     elif n_or_shape is not None:
@@ -215,13 +216,15 @@ def sample_with(
     seed: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    generator: torch.Generator | None = None,  # draw all noise from this generator (overrides `seed`)
+    clip_x0: bool = True,  # clip each predicted x_0 to [-1, 1] (image data; turn off for unbounded data)
 ) -> Tensor:
     "Draw samples with any of the course's samplers by name: the one entry point of the command line and the benchmarks."
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta is for the ddim sampler, got eta={eta} with {sampler!r}")
-    kw = dict(seed=seed, batch_size=batch_size, progress=progress)
+    kw = dict(seed=seed, batch_size=batch_size, progress=progress, generator=generator, clip_x0=clip_x0)
     if sampler == "ddpm":
         if steps is not None and steps != ddpm.num_timesteps:
             raise ValueError(f"the ddpm sampler takes all T = {ddpm.num_timesteps} steps, got steps={steps}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, DiskFullError, atomic_write, checkpoint_step, load_checkpoint, load_state,
                                     network_name, run_lock, save_checkpoint)
-from .data import DATASETS, image_grid, load_dataset
+from .data import DATASETS, image_grid, load_dataset, num_classes
 from .ddpm import DDPM
 from .distributed import DistContext, data_parallel, has_dropout
 from .fast import make_fast
@@ -32,7 +32,7 @@ from .forward import check_int
 from .losses import LOSS_KINDS
 from .prediction import PREDICTIONS, check_prediction
 from .schedules import BETA_SCHEDULES, NoiseSchedule, make_beta_schedule
-from .unet import UNET_PRESETS, unet_preset
+from .unet import UNET_PRESETS, drop_labels, unet_preset
 
 # %% auto #0
 __all__ = ['AMP_MODES', 'RESUMABLE_FIELDS', 'LOG_FIELDS', 'PROGRESS_EVERY_S', 'setting', 'TrainConfig', 'lr_at', 'ema_decay_at',
@@ -62,6 +62,9 @@ class TrainConfig:
     prediction: str = setting("eps", "what the network predicts: eps (the noise), x0 (the clean image) or v (the velocity); "
                               "chapter 04b", choices=PREDICTIONS)
     min_snr_gamma: float | None = setting(None, "weight the loss by min-SNR-gamma (Hang et al. 2023; 5 is usual); none: plain L_simple")
+    conditional: bool = setting(False, "train a class-conditional model on the data set's labels, for classifier-free guidance "
+                                "(chapter 12d)")
+    p_uncond: float = setting(0.1, "of a conditional model: the probability of training on the null label instead of the true one")
     steps: int = setting(4000, "optimiser steps in all; a resumed run continues up to this number")
     batch_size: int = setting(64, "images per optimiser step")
     lr: float = setting(1e-3, "peak learning rate of AdamW (after warm-up)")
@@ -101,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {self.p_uncond!r}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.ema_decay < 1:
@@ -148,12 +153,14 @@ class StepBatchSampler(Sampler):
             step += 1
 
 # %% ../nbs/10_training.ipynb #7d3d06fb
-def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...], net: nn.Module | None = None) -> DDPM:
+def build_ddpm(cfg: TrainConfig, sample_shape: tuple[int, ...], net: nn.Module | None = None,
+               num_classes: int | None = None) -> DDPM:  # the classes of a conditional U-Net preset
     "A fresh DDPM for `cfg`: `net`, or the U-Net preset with its overrides (channels from the data); the beta schedule."
     if net is None:
         if cfg.unet is None:
             raise ValueError("cfg.unet is None (the network passed to train()), but no network was passed")
-        net = make_fast(unet_preset(cfg.unet, **{"channels": sample_shape[0], **cfg.unet_overrides}))  # chapter 08b
+        kw = {"channels": sample_shape[0], "num_classes": num_classes, **cfg.unet_overrides}
+        net = make_fast(unet_preset(cfg.unet, **kw))  # chapter 08b
     schedule = NoiseSchedule(make_beta_schedule(cfg.schedule, cfg.timesteps))
     return DDPM(net, schedule, cfg.loss, sample_shape, cfg.prediction, cfg.min_snr_gamma)
 
@@ -185,16 +192,16 @@ class _LineProgress:
     def __init__(self, total: int, initial: int, desc: str):
         self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
         self.start_n, self.shown_n, self.t0 = initial, initial, time.perf_counter()
-        self.last = self.t0
+        self.last = self.stepped = self.t0  # the last line shown, the last step done
 
     def _line(self, now: float) -> None:
-        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        rate = (self.n - self.start_n) / max(self.stepped - self.t0, 1e-9)  # over the steps, not the grids written after them
         print(f"{self.desc}: step {self.n}/{self.total}{self.postfix}, {rate:.1f} steps/s", file=sys.stderr, flush=True)
         self.last, self.shown_n = now, self.n
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        now = time.perf_counter()
+        now = self.stepped = time.perf_counter()
         if now - self.last >= PROGRESS_EVERY_S and self.n < self.total:
             self._line(now)
 
@@ -316,10 +323,15 @@ def _train(dp: DistContext, cfg: TrainConfig, out: Path, progress: bool, sampler
     device, amp_dtype = dp.device, _amp_dtype(cfg, dp.device)
     if data is None and cfg.dataset is None:
         raise ValueError("cfg.dataset is None (the data passed to train()), but no data was passed")
-    ds = _own_data(data) if data is not None else load_dataset(cfg.dataset, image_size=cfg.image_size)
+    ds = _own_data(data) if data is not None else load_dataset(cfg.dataset, image_size=cfg.image_size,
+                                                               with_labels=cfg.conditional)
     first = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
+    classes = num_classes(ds) if cfg.conditional else None  # a clear error for data without labels
+    if net is not None and getattr(net, "num_classes", None) != classes:
+        run = f"a conditional run on {classes} classes" if classes else "an unconditional run (conditional=False)"
+        raise ValueError(f"{run} needs a network with num_classes={classes}, got num_classes={getattr(net, 'num_classes', None)}")
     torch.manual_seed(cfg.seed)
-    ddpm = build_ddpm(cfg, tuple(first.shape), net).to(device)
+    ddpm = build_ddpm(cfg, tuple(first.shape), net, classes).to(device)
     ema = copy.deepcopy(ddpm.model).requires_grad_(False).eval() if dp.is_main else None  # kept by rank 0 alone
     ema_ddpm = DDPM(ddpm.model if ema is None else ema, ddpm.schedule, cfg.loss, ddpm.sample_shape, cfg.prediction,
                     cfg.min_snr_gamma)
@@ -368,15 +380,19 @@ def _train(dp: DistContext, cfg: TrainConfig, out: Path, progress: bool, sampler
     ddpm.train()
     try:
         for step in range(start + 1, cfg.steps + 1):
-            x0 = next(batches)
-            x0 = (x0[0] if isinstance(x0, (tuple, list)) else x0).to(device, non_blocking=True)
+            batch = next(batches)
+            x0 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device, non_blocking=True)
             lr = lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             t = torch.randint(0, ddpm.num_timesteps, (cfg.batch_size,), device=device)  # for the whole global batch,
             noise = torch.randn((cfg.batch_size, *x0.shape[1:]), device=device, dtype=x0.dtype)  # alike on every rank
+            y = None
+            if classes is not None:  # this rank's labels, each dropped to the null label by a draw made for the global batch
+                drop = torch.rand(cfg.batch_size, device=device)
+                y = drop_labels(batch[1].to(device, non_blocking=True), cfg.p_uncond, classes, drop[part])
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = trainer.loss(x0, t[part], noise[part])
+                loss = trainer.loss(x0, t[part], noise[part], y)
             value = dp.mean(loss).item()  # the global batch's loss
             if not math.isfinite(value):
                 kept = (f"the last good checkpoint (step {last_ckpt}) in {str(out)!r} is kept" if last_ckpt

@@ -10,9 +10,55 @@ from torch import Tensor, nn
 
 from .blocks import ATTENTION_KINDS, Downsample, ResnetBlock, Upsample, attention_block
 from .embeddings import SinusoidalEmbedding, TimeMLP
+from .forward import check_int, check_timesteps
 
 # %% auto #0
-__all__ = ['UNET_PRESETS', 'UNet', 'unet_preset', 'SimpleBlock', 'SimpleUNet', 'ToyMLP']
+__all__ = ['UNET_PRESETS', 'ClassEmbedding', 'add_class_embedding', 'drop_labels', 'UNet', 'unet_preset', 'SimpleBlock',
+           'SimpleUNet', 'ToyMLP']
+
+# %% ../nbs/08_unet.ipynb #b12171d0
+class ClassEmbedding(nn.Module):
+    "A learned vector for each of `num_classes` classes and one more for the null label (index num_classes, 'no class')."
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes)
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null(self) -> int:
+        "The index of the null label."
+        return self.num_classes
+
+    def forward(self, y: Tensor | None, batch_size: int) -> Tensor:
+        "The vectors [batch_size, dim] of labels y [batch_size] (`null` allowed); None: the null label for every item."
+        if y is None:
+            y = torch.full((batch_size,), self.null, dtype=torch.long, device=self.table.weight.device)
+        check_timesteps(y, self.num_classes + 1, batch_size, "y", f"class labels; {self.null} is the null label")
+        return self.table(y)
+
+
+def add_class_embedding(emb: Tensor, class_emb: ClassEmbedding | None, y: Tensor | None) -> Tensor:
+    "emb + the vectors of labels y (None: the null label) in a conditional network; emb in an unconditional one, which takes no labels."
+    if class_emb is None:
+        if y is not None:
+            raise ValueError("this network is unconditional (num_classes=None): it takes no class labels y")
+        return emb
+    return emb + class_emb(y, emb.shape[0])
+
+
+def drop_labels(
+    y: Tensor,  # class labels [B]
+    p: float,  # the probability of replacing a label by the null one (p_uncond)
+    null: int,  # the null label: the number of classes
+    u: Tensor | None = None,  # uniform draws in [0, 1), one per label (a label is dropped where u < p); None: drawn here
+) -> Tensor:
+    "y with each label replaced by the null label with probability p: how one network learns the conditional and the unconditional model."
+    if not 0 <= p <= 1:
+        raise ValueError(f"p (the probability of dropping a label) must lie in [0, 1], got {p!r}")
+    if u is None:
+        u = torch.rand(y.shape, device=y.device)
+    return torch.where(u < p, torch.full_like(y, null), y)
 
 # %% ../nbs/08_unet.ipynb #d2d5d144
 class UNet(nn.Module):
@@ -37,6 +83,7 @@ class UNet(nn.Module):
         groups: int = 8,  # GroupNorm groups (ResNet blocks and attention pre-norms)
         downsample: str = "conv",  # "conv" (strided 3x3) or "space_to_depth" (+ 1x1 conv)
         init_kernel: int = 3,  # kernel size of the first convolution (odd)
+        num_classes: int | None = None,  # class-conditional: a learned vector per class (and a null one) added to the time embedding; None: unconditional
     ):
         super().__init__()
         dim_mults = tuple(int(m) for m in dim_mults)
@@ -60,12 +107,14 @@ class UNet(nn.Module):
             dim=dim, dim_mults=list(dim_mults), channels=channels, out_channels=out_channels,
             num_res_blocks=num_res_blocks, attn=list(attn), mid_attn=mid_attn, heads=heads, dim_head=dim_head,
             dropout=dropout, weight_standardize=weight_standardize, time_cond=time_cond, embedding=embedding,
-            time_act=time_act, groups=groups, downsample=downsample, init_kernel=init_kernel,
+            time_act=time_act, groups=groups, downsample=downsample, init_kernel=init_kernel, num_classes=num_classes,
         )
         self.channels, self.out_channels = channels, out_channels
         self.downsample_factor = 2 ** (levels - 1)
         time_dim = 4 * dim
         self.time_mlp = TimeMLP(dim, time_dim, embedding, time_act)
+        self.num_classes = num_classes
+        self.class_emb = ClassEmbedding(num_classes, time_dim) if num_classes is not None else None  # end of this chapter
 
         def resnet(c_in: int, c_out: int) -> ResnetBlock:
             return ResnetBlock(c_in, c_out, time_dim, groups, dropout, weight_standardize, time_cond)
@@ -118,9 +167,9 @@ class UNet(nn.Module):
             raise ValueError(f"expected timesteps of shape [{b}] (one per image) or a scalar, got shape {tuple(t.shape)}")
         return t
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        "Predict from images x [B, C, H, W] at timesteps t [B] (int or float; a scalar is broadcast)."
-        emb = self.time_mlp(self._check(x, t))
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        "Predict from images x [B, C, H, W] at timesteps t [B] (int or float; a scalar is broadcast), given class labels y [B] if conditional."
+        emb = add_class_embedding(self.time_mlp(self._check(x, t)), self.class_emb, y)
         x = self.init_conv(x)
         hs = [x]
         for layer in self.downs:
@@ -230,18 +279,21 @@ class SimpleUNet(nn.Module):
 class ToyMLP(nn.Module):
     "A small residual MLP eps_theta(x, t) for low-dimensional toy data, told the timestep through a `TimeMLP`."
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, emb_dim: int = 64):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, emb_dim: int = 64,
+                 num_classes: int | None = None):  # class-conditional, as `UNet`; None: unconditional
         super().__init__()
-        self.config = dict(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
+        self.config = dict(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim, num_classes=num_classes)
         self.time = TimeMLP(emb_dim, hidden)
+        self.num_classes = num_classes
+        self.class_emb = ClassEmbedding(num_classes, hidden) if num_classes is not None else None
         self.inp = nn.Linear(dim, hidden)
         self.t_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb, h = self.time(t), self.inp(x)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        emb, h = add_class_embedding(self.time(t), self.class_emb, y), self.inp(x)
         for proj, block in zip(self.t_proj, self.blocks):
             h = h + block(h + proj(emb))
         return self.out(h)
