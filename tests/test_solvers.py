@@ -225,7 +225,7 @@ def test_bad_input_fails_with_what_was_expected():
         karras_sigmas(2.0, 1.0, 10)
     with pytest.raises(ValueError, match=r"spacing must be one of \('trailing', 'karras', 'lambda'\), got 'linspace'"):
         sample_solver(ddpm, 2, 4, spacing="linspace")
-    with pytest.raises(ValueError, match="eta is for the ddim sampler, got eta=0.5 with 'dpm\+\+'"):
+    with pytest.raises(ValueError, match=r"eta is for the ddim sampler, got eta=0.5 with 'dpm\+\+'"):
         sample_with("dpm++", ddpm, 2, 4, eta=0.5)
     with pytest.raises(ValueError, match="give either n_or_shape"):
         sample_solver(ddpm, 2, 4, xt=torch.zeros(2, 1, 4, 4))
