@@ -33,8 +33,8 @@ from ddpm_course.checkpoint import load_model
 
 
 def key(row: dict) -> tuple:
-    "What identifies a measurement: the sampler, its steps, the solvers' spacing and DDIM's eta."
-    return row["sampler"], row["steps"], row.get("spacing"), row.get("eta")
+    "What identifies a measurement: the sampler, its steps, the solvers' spacing, DDIM's eta, the sets and the seed."
+    return row["sampler"], row["steps"], row.get("spacing"), row.get("eta"), row["n"], row["n_sets"], row.get("seed", 0)
 
 
 def set_fds(x: torch.Tensor, clf, sets: int, seed: int) -> list[float]:
@@ -86,7 +86,7 @@ def main() -> None:
         per_set = set_fds(x, clf, args.sets, args.seed)
         assert abs(sum(per_set) / len(per_set) - r.fd) < 1e-9, "the per-set FDs must be evaluate_samples' sets"
         row = dict(sampler=sampler, **variant, steps=steps, calls=network_calls(sampler, steps, ddpm.num_timesteps), seconds=seconds,
-                   ms_per_image=1000 * seconds / args.n, date=time.strftime("%Y-%m-%d %H:%M"), load=os.getloadavg()[0],
+                   ms_per_image=1000 * seconds / args.n, date=time.strftime("%Y-%m-%d %H:%M"), load=os.getloadavg()[0], seed=args.seed,
                    **{k: v for k, v in asdict(r).items() if k != "memorisation"}, set_fds=per_set)
         rows = [old for old in rows if key(old) != key(row)] + [row]
         print(f"| {sampler} | {'/'.join(str(v) for v in variant.values())} | {steps} | {row['calls']} | {seconds:.1f} | "
