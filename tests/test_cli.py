@@ -15,9 +15,10 @@ import torch
 import ddpm_course.cli as cli
 from ddpm_course.checkpoint import CheckpointError, load_checkpoint, load_model
 from ddpm_course.cli import build_parser, main, read_samples
-from ddpm_course.data import load_dataset
+from ddpm_course.data import load_dataset, to_uint8
 from ddpm_course.metrics import evaluate_samples
 from ddpm_course.sampling import sample_ddim
+from ddpm_course.solvers import sample_solver
 
 QUICK = ["--sample-every", "10", "--checkpoint-every", "10", "--n-samples", "4", "--log-every", "5", "--no-progress"]
 
@@ -160,6 +161,18 @@ def test_sample_refuses_options_that_do_not_fit_the_solver(tmp_path, capsys):
     assert "dpm++ needs steps >= 2" in error_line(capsys)
     assert main([*base, "--sampler", "heun", "--eta", "1"]) == 2
     assert "--eta is for --sampler ddim" in error_line(capsys)
+    assert main([*base, "--sampler", "ddim", "--spacing", "karras"]) == 2
+    assert "--spacing is for the ODE solvers dpm++, euler, heun, not ddim" in error_line(capsys)
+
+
+def test_sample_spacing_option_reaches_the_solver(tmp_path, capsys):
+    argv = ["sample", "--checkpoint", "pretrained:digits", "--n", "4", "--sampler", "dpm++", "--steps", "5", "--no-progress"]
+    assert main([*argv, "--spacing", "karras", "--out", str(tmp_path / "k")]) == 0
+    lib = sample_solver(load_model("pretrained:digits"), 4, 5, "dpm++", spacing="karras", seed=0)
+    assert np.array_equal(read_samples(tmp_path / "k" / "samples.npz"), to_uint8(lib).permute(0, 2, 3, 1).numpy())
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 0  # the default: trailing
+    lib = sample_solver(load_model("pretrained:digits"), 4, 5, "dpm++", spacing="trailing", seed=0)
+    assert np.array_equal(read_samples(tmp_path / "t" / "samples.npz"), to_uint8(lib).permute(0, 2, 3, 1).numpy())
 
 
 def test_train_records_the_prediction_target_and_sample_reads_it(tmp_path, capsys):
@@ -382,6 +395,8 @@ def test_guidance_options_need_a_conditional_model_and_a_real_class(tmp_path, ca
     assert e.value.code == 2 and "--guidance: expected a number >= 0, got '-1'" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(run), "--eta", "0.5"]) == 2
     assert "guided DDIM is deterministic" in error_line(capsys)
+    assert main([*base, "--checkpoint", str(run), "--sampler", "dpm++", "--spacing", "karras"]) == 2
+    assert "--spacing is for unconditional models" in error_line(capsys)
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros(3, np.int64))
     assert main(["eval", "--samples", str(tmp_path / "bad.npz"), "--sets", "2"]) == 2
     line = error_line(capsys)
