@@ -23,6 +23,8 @@ PUBLIC = {  # name -> the module (chapter) that defines it
     "evaluate_samples": "metrics", "sample_and_score": "metrics",
     "prediction_from": "prediction", "x0_eps_from": "prediction",
     "sample_solver": "solvers", "sample_with": "solvers",
+    "sample_guided": "guidance", "guided": "guidance",
+    "DistContext": "distributed",
 }
 
 

@@ -24,7 +24,7 @@ from .distributed import DistContext
 from .guidance import DEFAULT_GUIDANCE, class_rows, sample_guided
 from .metrics import classifier_for, evaluate_samples, extract_features, load_classifier
 from .sampling import sample_ddim
-from .solvers import SAMPLERS, network_calls, sample_with
+from .solvers import SAMPLERS, SIGMA_SPACINGS, SOLVERS, network_calls, sample_with
 from .training import NonFiniteLossError, TrainConfig, train
 
 # %% auto #0
@@ -181,7 +181,7 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                    help="ddpm: ancestral sampling through all T training steps; ddim: deterministic (eta 0) in --steps steps; "
-                        "dpm++ (DPM-Solver++ 2M), euler, heun: probability-flow ODE solvers on Karras sigmas in --steps steps")
+                        "dpm++ (DPM-Solver++ 2M), euler, heun: probability-flow ODE solvers in --steps steps")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="steps of ddim (default 50) and of the solvers (default 20; heun makes 2 network calls a step); "
                         "not used by --sampler ddpm, which takes all T")
@@ -192,6 +192,9 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--guidance", type=_nonneg_float, default=None, metavar="S",
                    help="of a class-conditional model: the classifier-free guidance scale s = 1 + w (0: unconditional, "
                         f"1: conditional, more: stronger; default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--spacing", choices=SIGMA_SPACINGS, default=None,
+                   help="noise levels of the solvers: trailing (even in t, as DDIM; the default), karras (Karras et al., rho 7) "
+                        "or lambda (even in log sigma)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="images generated at once (lower it to save memory)")
     _add_threads(p)
@@ -205,6 +208,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--steps is for the other samplers; --sampler ddpm always takes all T training steps")
     if args.sampler != "ddim" and args.eta != 0:
         raise ValueError(f"--eta is for --sampler ddim, not {args.sampler}")
+    if args.sampler not in SOLVERS and args.spacing is not None:
+        raise ValueError(f"--spacing is for the ODE solvers {', '.join(SOLVERS)}, not {args.sampler}")
     ddpm = load_model(args.checkpoint)
     k = getattr(ddpm.model, "num_classes", None)  # None: an unconditional model
     if k is None and (args.label is not None or args.guidance is not None):
@@ -214,6 +219,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--class must be in 0..{k - 1} (this model has {k} classes), got {args.label}")
     if k is not None and args.eta != 0:
         raise ValueError("--eta is for unconditional models; guided DDIM is deterministic")
+    if k is not None and args.spacing is not None:
+        raise ValueError("--spacing is for unconditional models; guided solvers use the default levels (trailing)")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     kw = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
@@ -225,7 +232,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif args.sampler == "ddim":
         x = sample_ddim(ddpm, args.n, steps=args.steps or 50, eta=args.eta, **kw)
     else:
-        x = sample_with(args.sampler, ddpm, args.n, args.steps, **kw)
+        x = sample_with(args.sampler, ddpm, args.n, args.steps, **({} if args.spacing is None else dict(spacing=args.spacing)), **kw)
     seconds = time.perf_counter() - t0
     images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
     arrays = dict(images=images) if labels is None else dict(images=images, labels=labels.numpy())

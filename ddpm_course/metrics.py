@@ -18,7 +18,7 @@ from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from .checkpoint import PRETRAINED_PREFIX, load_network, pretrained_dir, register_network, save_network
-from .data import from_uint8, get_dataloader, load_dataset, to_uint8
+from .data import from_uint8, get_dataloader, load_dataset, num_classes, to_uint8
 from .ddpm import DDPM
 from .sampling import sample_ddim, sample_ddpm
 
@@ -128,16 +128,6 @@ def load_classifier(path: str | Path = "pretrained:digits_classifier") -> ImageC
     return load_network(path, ImageClassifier)
 
 # %% ../nbs/12_evaluation.ipynb #e333669b
-def _n_classes(ds) -> int:
-    labels = getattr(ds, "labels", None)
-    if labels is not None:
-        return int(labels.max()) + 1
-    classes = getattr(ds, "classes", None)
-    if classes is None:
-        raise ValueError(f"cannot tell the number of classes of {type(ds).__name__}: pass n_classes")
-    return len(classes)
-
-
 @torch.no_grad()
 def classifier_accuracy(clf: ImageClassifier, ds, batch_size: int = 512) -> float:
     "Fraction of (image, label) items of `ds` that `clf` labels correctly."
@@ -169,7 +159,7 @@ def train_classifier(
     torch.manual_seed(seed)
     ds = load_dataset(dataset, image_size, split="train", with_labels=True)
     x0, _ = ds[0]
-    clf = ImageClassifier(channels=x0.shape[0], image_size=x0.shape[-1], n_classes=n_classes or _n_classes(ds))
+    clf = ImageClassifier(channels=x0.shape[0], image_size=x0.shape[-1], n_classes=n_classes or num_classes(ds))
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -239,7 +229,7 @@ def class_entropy(labels: np.ndarray | torch.Tensor, n_classes: int) -> float:
     "Entropy (nats) of the histogram of predicted class labels; ln(n_classes) when every class is equally frequent."
     counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: a single class gives 0.0, not -0.0
 
 # %% ../nbs/12_evaluation.ipynb #b620499b
 @torch.no_grad()

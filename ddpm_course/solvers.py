@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from .ddpm import DDPM, eval_mode
 from .prediction import x0_eps_from_ab
-from .sampling import _chunks, run_generator, sample_ddim, sample_ddpm
+from .forward import check_int
+from .sampling import _chunks, ddim_timesteps, run_generator, sample_ddim, sample_ddpm
 from .schedules import NoiseSchedule
 from .score import schedule_sigmas
 
 # %% auto #0
-__all__ = ['SOLVERS', 'SAMPLERS', 'karras_sigmas', 'sigma_to_t', 'euler_step', 'heun_step', 'dpmpp_2m_step', 'KarrasDenoiser',
-           'network_calls', 'solve', 'sample_solver', 'sample_with']
+__all__ = ['SIGMA_SPACINGS', 'SOLVERS', 'SAMPLERS', 'karras_sigmas', 'sigma_to_t', 'solver_sigmas', 'euler_step', 'heun_step',
+           'dpmpp_2m_step', 'KarrasDenoiser', 'network_calls', 'solve', 'sample_solver', 'sample_with']
 
 # %% ../nbs/12c_solvers.ipynb #2d13cf2a
 def karras_sigmas(
@@ -46,6 +47,29 @@ def sigma_to_t(sigma: Tensor, s: NoiseSchedule) -> Tensor:
     low = (torch.searchsorted(log_sigmas, ls, right=True) - 1).clamp(0, len(log_sigmas) - 2)
     w = ((ls - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
     return low + w
+
+# %% ../nbs/12c_solvers.ipynb #20e1a23c
+SIGMA_SPACINGS = ("trailing", "karras", "lambda")
+
+
+def solver_sigmas(
+    s: NoiseSchedule,  # the schedule the model was trained with
+    steps: int,  # solver steps: the number of noise levels before the final 0
+    spacing: str = "trailing",  # "trailing" (even in t), "karras" (Karras et al.) or "lambda" (even in log sigma)
+    rho: float = 7.0,  # Karras et al.'s exponent, used by spacing="karras" only
+) -> Tensor:
+    "The noise levels a solver visits, from the schedule's sigma(T-1) down, then 0 (float64, [steps + 1]), spaced as `spacing` says."
+    if spacing not in SIGMA_SPACINGS:
+        raise ValueError(f"spacing must be one of {SIGMA_SPACINGS}, got {spacing!r}")
+    sched = schedule_sigmas(s)
+    steps = check_int("steps", steps, 1, len(sched), "(at most the number of training timesteps)")
+    if spacing == "trailing":  # the timesteps T-1, T-1-T/steps, ...: the last call at t = T/steps - 1
+        return torch.cat([sched[ddim_timesteps(len(sched), steps, "trailing")], sched.new_zeros(1)])
+    if spacing == "karras":
+        return karras_sigmas(float(sched[0]), float(sched[-1]), steps, rho)
+    log_sigma = torch.linspace(math.log(sched[-1]), math.log(sched[0]), steps, dtype=torch.float64)
+    return torch.cat([log_sigma.exp(), sched.new_zeros(1)])
+
 
 # %% ../nbs/12c_solvers.ipynb #1245c9f6
 def euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
@@ -154,7 +178,8 @@ def sample_solver(
     steps: int = 20,  # solver steps (network calls: the same, Heun 2 * steps - 1)
     solver: str = "dpm++",  # "dpm++" (DPM-Solver++ 2M), "euler" or "heun"
     *,
-    rho: float = 7.0,  # Karras et al.'s exponent of the sigma schedule
+    spacing: str = "trailing",  # the noise levels: "trailing", "karras" or "lambda" (see `solver_sigmas`)
+    rho: float = 7.0,  # Karras et al.'s exponent, for spacing="karras"
     clip_x0: bool = True,  # clip each predicted x_0 to [-1, 1], as the course's DDPM and DDIM samplers do
     batch_size: int | None = None,  # at most this many at once; None: all together
     seed: int | None = None,  # seed of the starting noise; None: torch's global generator
@@ -162,10 +187,9 @@ def sample_solver(
     xt: Tensor | None = None,  # start from these x_T (the DDPM variable, as in sample_ddim) instead of fresh noise
     generator: torch.Generator | None = None,  # draws the starting noise (overrides `seed`)
 ) -> Tensor:
-    "Sample by solving the probability-flow ODE on Karras sigmas from sigma(T-1) down to 0: DPM-Solver++ 2M, Euler or Heun."
+    "Sample by solving the probability-flow ODE from sigma(T-1) down to 0 on the levels of `spacing`: DPM-Solver++ 2M, Euler or Heun."
     _check_steps(solver, steps)
-    sched = schedule_sigmas(ddpm.schedule)
-    sigmas = karras_sigmas(float(sched[0]), float(sched[-1]), steps, rho)
+    sigmas = solver_sigmas(ddpm.schedule, steps, spacing, rho)
     g = run_generator(ddpm.device, seed, generator)
     if xt is None:
         xt = torch.randn(ddpm.batch_shape(n_or_shape), generator=g, device=ddpm.device)
@@ -187,6 +211,8 @@ def sample_with(
     n_or_shape: int | tuple[int, ...],
     steps: int | None = None,  # steps of ddim and the solvers (default 50 for ddim, 20 for the solvers); ddpm takes all T
     *,
+    eta: float = 0.0,  # DDIM's noise (0: deterministic); the other samplers take none
+    spacing: str = "trailing",  # the solvers' noise levels (see `solver_sigmas`); ddim always spaces its steps "trailing"
     seed: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -196,11 +222,13 @@ def sample_with(
     "Draw samples with any of the course's samplers by name: the one entry point of the command line and the benchmarks."
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta is for the ddim sampler, got eta={eta} with {sampler!r}")
     kw = dict(seed=seed, batch_size=batch_size, progress=progress, generator=generator, clip_x0=clip_x0)
     if sampler == "ddpm":
         if steps is not None and steps != ddpm.num_timesteps:
             raise ValueError(f"the ddpm sampler takes all T = {ddpm.num_timesteps} steps, got steps={steps}")
         return sample_ddpm(ddpm, n_or_shape, **kw)
     if sampler == "ddim":
-        return sample_ddim(ddpm, n_or_shape, steps=50 if steps is None else steps, **kw)
-    return sample_solver(ddpm, n_or_shape, 20 if steps is None else steps, sampler, **kw)
+        return sample_ddim(ddpm, n_or_shape, steps=50 if steps is None else steps, eta=eta, **kw)
+    return sample_solver(ddpm, n_or_shape, 20 if steps is None else steps, sampler, spacing=spacing, **kw)

@@ -202,16 +202,16 @@ class _LineProgress:
     def __init__(self, total: int, initial: int, desc: str):
         self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
         self.start_n, self.shown_n, self.t0 = initial, initial, time.perf_counter()
-        self.last = self.t0
+        self.last = self.stepped = self.t0  # the last line shown, the last step done
 
     def _line(self, now: float) -> None:
-        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        rate = (self.n - self.start_n) / max(self.stepped - self.t0, 1e-9)  # over the steps, not the grids written after them
         print(f"{self.desc}: step {self.n}/{self.total}{self.postfix}, {rate:.1f} steps/s", file=sys.stderr, flush=True)
         self.last, self.shown_n = now, self.n
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        now = time.perf_counter()
+        now = self.stepped = time.perf_counter()
         if now - self.last >= PROGRESS_EVERY_S and self.n < self.total:
             self._line(now)
 

@@ -15,9 +15,10 @@ import torch
 import ddpm_course.cli as cli
 from ddpm_course.checkpoint import CheckpointError, load_checkpoint, load_model
 from ddpm_course.cli import build_parser, main, read_samples
-from ddpm_course.data import load_dataset
+from ddpm_course.data import load_dataset, to_uint8
 from ddpm_course.metrics import evaluate_samples
 from ddpm_course.sampling import sample_ddim
+from ddpm_course.solvers import sample_solver
 
 QUICK = ["--sample-every", "10", "--checkpoint-every", "10", "--n-samples", "4", "--log-every", "5", "--no-progress"]
 
@@ -162,6 +163,18 @@ def test_sample_refuses_options_that_do_not_fit_the_solver(tmp_path, capsys):
     assert "dpm++ needs steps >= 2" in error_line(capsys)
     assert main([*base, "--sampler", "heun", "--eta", "1"]) == 2
     assert "--eta is for --sampler ddim" in error_line(capsys)
+    assert main([*base, "--sampler", "ddim", "--spacing", "karras"]) == 2
+    assert "--spacing is for the ODE solvers dpm++, euler, heun, not ddim" in error_line(capsys)
+
+
+def test_sample_spacing_option_reaches_the_solver(tmp_path, capsys):
+    argv = ["sample", "--checkpoint", "pretrained:digits", "--n", "4", "--sampler", "dpm++", "--steps", "5", "--no-progress"]
+    assert main([*argv, "--spacing", "karras", "--out", str(tmp_path / "k")]) == 0
+    lib = sample_solver(load_model("pretrained:digits"), 4, 5, "dpm++", spacing="karras", seed=0)
+    assert np.array_equal(read_samples(tmp_path / "k" / "samples.npz"), to_uint8(lib).permute(0, 2, 3, 1).numpy())
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 0  # the default: trailing
+    lib = sample_solver(load_model("pretrained:digits"), 4, 5, "dpm++", spacing="trailing", seed=0)
+    assert np.array_equal(read_samples(tmp_path / "t" / "samples.npz"), to_uint8(lib).permute(0, 2, 3, 1).numpy())
 
 
 def test_train_records_the_prediction_target_and_sample_reads_it(tmp_path, capsys):
@@ -338,3 +351,55 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys
     monkeypatch.setattr(cli, "load_model", a_deep_value_error)
     with pytest.raises(ValueError, match="reshape"):
         main(["sample", "--checkpoint", "pretrained:digits", "--out", str(tmp_path / "s")])
+
+
+def test_conditional_train_sample_and_eval(tmp_path, capsys):
+    "train --conditional records the classes; sample --class/--guidance draws them; eval reports the requested class's accuracy."
+    run = tmp_path / "cond"
+    tiny = ["--steps", "3", "--sample-every", "3", "--checkpoint-every", "3", "--n-samples", "20", "--no-progress"]
+    assert main(["train", "--conditional", "--p-uncond", "0.2", "--out", str(run), *tiny]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["net"]["config"]["num_classes"] == 10 and config["train"]["p_uncond"] == 0.2
+    assert (run / "samples.png").is_file()
+    capsys.readouterr()
+    out = tmp_path / "threes"
+    assert main(["sample", "--checkpoint", str(run), "--class", "3", "--guidance", "2.5", "--n", "20", "--steps", "5",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "class 3, guidance s = 2.5 on doubled batches" in capsys.readouterr().out
+    with np.load(out / "samples.npz") as npz:
+        assert npz["images"].shape == (20, 8, 8, 1) and npz["labels"].tolist() == [3] * 20
+    # the same samples as the library's guided sampler
+    from ddpm_course.guidance import sample_guided
+    from ddpm_course.data import to_uint8
+    x = sample_guided(load_model(run), [3] * 20, 2.5, "ddim", 5, seed=0, batch_size=500)
+    assert np.array_equal(to_uint8(x).permute(0, 2, 3, 1).numpy(), read_samples(out / "samples.npz"))
+    every = tmp_path / "every"
+    assert main(["sample", "--checkpoint", str(run), "--n", "30", "--steps", "5", "--out", str(every), "--no-progress"]) == 0
+    with np.load(every / "samples.npz") as npz:
+        assert np.bincount(npz["labels"]).tolist() == [3] * 10  # every class equally often
+    assert main(["eval", "--samples", str(out / "samples.npz"), "--sets", "2"]) == 0
+    assert "requested class recognised by the classifier in" in capsys.readouterr().out
+
+
+def test_guidance_options_need_a_conditional_model_and_a_real_class(tmp_path, capsys):
+    base = ["sample", "--n", "4", "--steps", "5", "--out", str(tmp_path / "s"), "--no-progress"]
+    assert main([*base, "--checkpoint", "pretrained:digits", "--class", "3"]) == 2
+    assert "need a class-conditional model" in error_line(capsys)
+    assert main([*base, "--checkpoint", "pretrained:digits", "--guidance", "2"]) == 2
+    assert "need a class-conditional model" in error_line(capsys)
+    run = tmp_path / "cond"
+    assert main(["train", "--conditional", "--steps", "1", "--sample-every", "5", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--checkpoint", str(run), "--class", "10"]) == 2
+    assert "--class must be in 0..9 (this model has 10 classes), got 10" in error_line(capsys)
+    with pytest.raises(SystemExit) as e:  # argparse's own check: usage, then the error
+        main([*base, "--checkpoint", str(run), "--guidance", "-1"])
+    assert e.value.code == 2 and "--guidance: expected a number >= 0, got '-1'" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", str(run), "--eta", "0.5"]) == 2
+    assert "guided DDIM is deterministic" in error_line(capsys)
+    assert main([*base, "--checkpoint", str(run), "--sampler", "dpm++", "--spacing", "karras"]) == 2
+    assert "--spacing is for unconditional models" in error_line(capsys)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros(3, np.int64))
+    assert main(["eval", "--samples", str(tmp_path / "bad.npz"), "--sets", "2"]) == 2
+    line = error_line(capsys)
+    assert "'labels'" in line and "must be 4 integers, one per image" in line

@@ -22,7 +22,7 @@ from ddpm_course.unet import unet_preset
 
 TINY = dict(dim=8, dim_mults=[1, 2], attn=["none", "none"], mid_attn="none", groups=4)
 CLI_ARGS = ["--steps", "8", "--batch-size", "16", "--timesteps", "50", "--log-every", "2", "--sample-every", "8",
-            "--checkpoint-every", "4", "--n-samples", "4", "--warmup", "4", "--seed", "3", "--device", "cpu", "--no-progress"]
+            "--checkpoint-every", "4", "--n-samples", "4", "--warmup", "4", "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--no-progress"]
 
 # Run under torchrun: train the TrainConfig in argv[2] (JSON) into argv[1]; record every checkpoint write as "rank step"
 # in argv[1]/writes.txt; with argv[3] = K, rank 1 kills itself at step K on torchrun's first attempt.

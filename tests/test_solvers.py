@@ -11,8 +11,8 @@ from ddpm_course.ddpm import DDPM
 from ddpm_course.sampling import sample_ddim
 from ddpm_course.schedules import NoiseSchedule, cosine_beta_schedule, linear_beta_schedule
 from ddpm_course.score import schedule_sigmas
-from ddpm_course.solvers import (SAMPLERS, KarrasDenoiser, karras_sigmas, network_calls,
-                                 sample_solver, sample_with, sigma_to_t, solve)
+from ddpm_course.solvers import (SAMPLERS, SIGMA_SPACINGS, KarrasDenoiser, karras_sigmas, network_calls,
+                                 sample_solver, sample_with, sigma_to_t, solve, solver_sigmas)
 
 T = 1000
 BETAS = {"linear": linear_beta_schedule(T), "cosine": cosine_beta_schedule(T)}
@@ -20,10 +20,19 @@ REFERENCES = {"dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteSchedu
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
-def reference(solver, name, prediction="eps"):
-    "The diffusers scheduler of `solver` on Karras sigmas, computing its alpha-bar in float64 (its own is float32)."
-    kw = dict(num_train_timesteps=T, trained_betas=BETAS[name].numpy(), use_karras_sigmas=True,
-              prediction_type=DIFFUSERS_PREDICTION[prediction])
+def spacing_options(solver, spacing):
+    "diffusers' options for each of our spacings: its timestep spacing, Karras sigmas, or even log sigma (two names)."
+    if spacing == "trailing":
+        return dict(timestep_spacing="trailing")
+    if spacing == "karras":
+        return dict(use_karras_sigmas=True)
+    return dict(use_lu_lambdas=True) if solver == "dpm++" else dict(use_exponential_sigmas=True)
+
+
+def reference(solver, name, prediction="eps", spacing="karras"):
+    "The diffusers scheduler of `solver` on the levels of `spacing`, computing its alpha-bar in float64 (its own is float32)."
+    kw = dict(num_train_timesteps=T, trained_betas=BETAS[name].numpy(), prediction_type=DIFFUSERS_PREDICTION[prediction],
+              **spacing_options(solver, spacing))
     if solver == "dpm++":
         kw.update(algorithm_type="dpmsolver++", solver_order=2)
     ref = REFERENCES[solver](**kw)
@@ -74,6 +83,29 @@ def test_karras_sigmas_and_timesteps_match_diffusers(steps, name):
         assert sigma_to_t(ours[:-1], s).round().long().tolist() == dpm.timesteps.tolist()
 
 
+@pytest.mark.parametrize("spacing", SIGMA_SPACINGS)
+@pytest.mark.parametrize("steps", [2, 7, 30])  # at 1 step diffusers' Karras and even-log-sigma ramps have one point: sigma_min
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_solver_sigmas_match_diffusers(spacing, steps, name):
+    s = NoiseSchedule(BETAS[name])
+    ours = solver_sigmas(s, steps, spacing)
+    assert ours.dtype == torch.float64 and ours.shape == (steps + 1,) and ours[-1] == 0
+    for solver in ("dpm++", "euler", "heun"):
+        ref = reference(solver, name, spacing=spacing)
+        ref.set_timesteps(steps)
+        want = ref.sigmas if solver != "heun" else torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2], ref.sigmas[-1:]])
+        torch.testing.assert_close(ours.float(), want.float(), rtol=1e-5, atol=0)
+
+
+def test_solver_sigmas_spacings_by_hand():
+    s = NoiseSchedule(BETAS["linear"])
+    sched = schedule_sigmas(s)
+    assert solver_sigmas(s, 4, "trailing")[:-1].tolist() == sched[[999, 749, 499, 249]].tolist()  # every T/steps from T-1
+    torch.testing.assert_close(solver_sigmas(s, 9, "karras", rho=3.0), karras_sigmas(float(sched[0]), float(sched[-1]), 9, 3.0))
+    log_levels = solver_sigmas(s, 6, "lambda")[:-1].log()
+    torch.testing.assert_close(log_levels.diff(), torch.full((5,), float(sched[0].log() - sched[-1].log()) / 5, dtype=torch.float64))
+
+
 # diffusers' EulerDiscreteScheduler has no x0 prediction
 SOLVER_PREDICTIONS = [(sv, p) for sv in ("dpm++", "euler", "heun") for p in ("eps", "x0", "v") if (sv, p) != ("euler", "x0")]
 
@@ -104,6 +136,28 @@ def test_solvers_match_diffusers_step_by_step(solver, prediction, name, steps):
         assert torch.equal(ta, tb)
         torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-5 * float(xb.abs().max()))  # float32 against float64
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("solver", ["dpm++", "euler", "heun"])
+@pytest.mark.parametrize("spacing", ["trailing", "lambda"])
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_solvers_match_diffusers_on_the_other_spacings(solver, spacing, name):
+    "The same step-by-step equality on diffusers' own levels of each spacing (set by its options, not copied from ours)."
+    s = NoiseSchedule(BETAS[name])
+    steps = 10
+    sigmas = solver_sigmas(s, steps, spacing)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1)).double() * math.sqrt(1 + float(sigmas[0]) ** 2)
+    ours_net, theirs_net = RecordingNet(), RecordingNet()
+    got = solve(KarrasDenoiser(DDPM(ours_net, s)), x, sigmas, solver)
+    ref = reference(solver, name, spacing=spacing)
+    ref.set_timesteps(steps)
+    ref.set_begin_index(0)
+    want = diffusers_run(ref, theirs_net, x, float(sigmas[0]))
+    assert len(ours_net.inputs) == len(theirs_net.inputs) == network_calls(solver, steps)
+    for (xa, ta), (xb, tb) in zip(ours_net.inputs, theirs_net.inputs):
+        assert torch.equal(ta, tb)
+        torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-4 * float(xb.abs().max()))  # diffusers' levels are float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
 def gaussian_denoiser(mu, sd):
@@ -145,6 +199,16 @@ def test_sample_with_dispatches_to_each_sampler():
     start = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(sample_with("euler", ddpm, 3, 4, seed=1), sample_solver(ddpm, steps=4, solver="euler", xt=start))
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++", "euler", "heun"}
+    torch.testing.assert_close(sample_with("ddim", ddpm, 3, 7, eta=0.5, seed=1), sample_ddim(ddpm, 3, steps=7, eta=0.5, seed=1))
+    torch.testing.assert_close(sample_with("dpm++", ddpm, 3, 5, spacing="karras", seed=1),
+                               sample_solver(ddpm, 3, 5, "dpm++", spacing="karras", seed=1))
+
+
+def test_euler_on_the_trailing_spacing_is_ddim():
+    "DDIM (eta 0) is Euler's method for the probability-flow ODE: on the same levels the two give the same samples."
+    ddpm = fake_ddpm()
+    torch.testing.assert_close(sample_solver(ddpm, 4, 6, "euler", spacing="trailing", seed=2, clip_x0=False),
+                               sample_ddim(ddpm, 4, steps=6, seed=2, clip_x0=False), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_input_fails_with_what_was_expected():
@@ -159,5 +223,9 @@ def test_bad_input_fails_with_what_was_expected():
         sample_with("ddpm", ddpm, 2, 50)
     with pytest.raises(ValueError, match="need 0 < sigma_min <= sigma_max"):
         karras_sigmas(2.0, 1.0, 10)
+    with pytest.raises(ValueError, match=r"spacing must be one of \('trailing', 'karras', 'lambda'\), got 'linspace'"):
+        sample_solver(ddpm, 2, 4, spacing="linspace")
+    with pytest.raises(ValueError, match=r"eta is for the ddim sampler, got eta=0.5 with 'dpm\+\+'"):
+        sample_with("dpm++", ddpm, 2, 4, eta=0.5)
     with pytest.raises(ValueError, match="give either n_or_shape"):
         sample_solver(ddpm, 2, 4, xt=torch.zeros(2, 1, 4, 4))
