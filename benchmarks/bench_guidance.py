@@ -15,13 +15,12 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ddpm_course.checkpoint import load_model
-from ddpm_course.guidance import guidance_sweep
+from ddpm_course.guidance import guidance_sweep, report_fields
 from ddpm_course.metrics import evaluate_samples, load_classifier
 from ddpm_course.solvers import SAMPLERS, sample_with
 
@@ -58,9 +57,7 @@ def main() -> None:
         x = sample_with(args.sampler, base, args.n, args.steps, seed=args.seed, batch_size=500)
         seconds = time.perf_counter() - t0
         r = evaluate_samples(x, "digits", clf, n_sets=args.sets, seed=args.seed)
-        record["unconditional"] = dict(checkpoint=args.unconditional, seconds=seconds,
-                                       **{k: v for k, v in asdict(r).items() if k != "memorisation"},
-                                       share_near=r.memorisation.share_near, memorised=r.memorisation.memorised)
+        record["unconditional"] = dict(checkpoint=args.unconditional, seconds=seconds, **report_fields(r))
         print(f"unconditional {args.unconditional}: FD {r.fd:.3f} [{r.fd_low:.3f}, {r.fd_high:.3f}], "
               f"FD / floor {r.ratio:.2f} [{r.ratio_low:.2f}, {r.ratio_high:.2f}], {seconds:.0f} s", flush=True)
     print("\n| s | w | accuracy | spread | FD [95%] | floor [95%] | FD / floor [95%] | share near | wall s |\n"

@@ -250,9 +250,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _sample_grid(images: np.ndarray, labels: torch.Tensor | None):
     "The grid of grid.png: the first 256 images; with labels (every class), one row per class of as many as all classes have."
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    if labels is None or int(torch.bincount(labels).min()) == 0:  # fewer images than classes: no rows
+    fewest = 0 if labels is None else int(torch.bincount(labels).min())
+    if fewest == 0:  # no labels, or fewer images than classes: no rows
         return image_grid(x[:256])
-    per = min(16, int(torch.bincount(labels).min()))
+    per = min(16, fewest)
     rows = [x[labels == c][:per] for c in range(int(labels.max()) + 1)]
     return image_grid(torch.cat(rows), nrow=per)
 
@@ -317,13 +318,13 @@ def read_labels(path: str | Path, n: int) -> np.ndarray | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     "Run `ddpm-course eval`."
     images = read_samples(args.samples)
-    report = evaluate_samples(images, args.dataset, classifier=args.classifier, n_sets=args.sets, seed=args.seed)
+    clf = classifier_for(args.dataset) if args.classifier is None else load_classifier(args.classifier)  # loaded once
+    report = evaluate_samples(images, args.dataset, classifier=clf, n_sets=args.sets, seed=args.seed)
     print(f"{args.samples}: {len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, "
           f"compared with held-out {args.dataset} images")
     print(report)
     labels = read_labels(args.samples, len(images))
     if labels is not None:  # samples of a class-conditional model: did each come out as the class asked for?
-        clf = classifier_for(args.dataset) if args.classifier is None else load_classifier(args.classifier)
         predicted = extract_features(clf, images)[1]
         print(f"requested class recognised by the classifier in {(predicted == labels).mean():.1%} of the samples "
               f"(chance: {1 / clf.config['n_classes']:.0%})")

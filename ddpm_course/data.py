@@ -160,7 +160,8 @@ class ImageFolderDataset(Dataset):
                                  f"lie directly in it ({', '.join(loose[:3])})")
             top = [p.relative_to(root).parts[0] for p in self.files]
             self.classes = sorted(set(top))
-            self.labels = torch.tensor([self.classes.index(c) for c in top])
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = torch.tensor([index[c] for c in top])
 
     def __len__(self) -> int:
         return len(self.files)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -16,13 +17,13 @@ from torch import Tensor, nn
 from .data import load_dataset
 from .ddpm import DDPM
 from .forward import check_timesteps
-from .metrics import ImageClassifier, classifier_for, evaluate_samples, extract_features
+from .metrics import ImageClassifier, QualityReport, classifier_for, evaluate_samples, extract_features
 from .sampling import _chunks, run_generator
 from .solvers import sample_with
 
 # %% auto #0
 __all__ = ['DEFAULT_GUIDANCE', 'guide', 'check_scale', 'check_labels', 'GuidedNetwork', 'guided', 'class_rows', 'sample_guided',
-           'within_class_spread', 'guidance_sweep']
+           'within_class_spread', 'report_fields', 'guidance_sweep']
 
 # %% ../nbs/12d_guidance.ipynb #787b9acb
 def guide(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
@@ -119,6 +120,12 @@ def within_class_spread(features: np.ndarray, labels: np.ndarray, num_classes: i
     return out
 
 
+def report_fields(report: QualityReport) -> dict:
+    "The scores of a sweep row: FD, floor and their ratio with their 95% intervals, and the memorisation check's share and verdict."
+    scores = {k: v for k, v in asdict(report).items() if k.startswith(("fd", "floor", "ratio"))}
+    return dict(scores, share_near=report.memorisation.share_near, memorised=report.memorisation.memorised)
+
+
 def guidance_sweep(
     ddpm: DDPM,  # a class-conditional model
     scales: Sequence[float],  # the guidance scales s to compare
@@ -147,8 +154,5 @@ def guidance_sweep(
         report = evaluate_samples(x, dataset, clf, n_sets=n_sets, seed=seed)
         rows.append(dict(scale=float(s), w=float(s) - 1, accuracy=float((predicted == labels.numpy()).mean()),
                          spread=float(np.nanmean(within_class_spread(feats, predicted, k) / real_spread)),
-                         fd=report.fd, fd_low=report.fd_low, fd_high=report.fd_high, floor=report.floor,
-                         floor_low=report.floor_low, floor_high=report.floor_high, ratio=report.ratio,
-                         ratio_low=report.ratio_low, ratio_high=report.ratio_high, share_near=report.memorisation.share_near,
-                         memorised=report.memorisation.memorised, seconds=seconds, n=len(labels)))
+                         **report_fields(report), seconds=seconds, n=len(labels)))
     return rows
