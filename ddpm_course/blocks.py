@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['ATTENTION_KINDS', 'Residual', 'PreNorm', 'space_to_depth', 'Upsample', 'Downsample', 'WeightStandardizedConv2d',
-           'Block', 'ResnetBlock', 'Attention', 'LinearAttention', 'attention_block']
+__all__ = ['ATTENTION_KINDS', 'Residual', 'PreNorm', 'check_patches', 'space_to_depth', 'Upsample', 'Downsample',
+           'WeightStandardizedConv2d', 'Block', 'ResnetBlock', 'Attention', 'LinearAttention', 'attention_block']
 
 # %% ../nbs/07_blocks.ipynb #69e4f9b9
 class Residual(nn.Module):
@@ -37,11 +37,16 @@ class PreNorm(nn.Module):
         return self.fn(self.norm(x), *args, **kwargs)
 
 # %% ../nbs/07_blocks.ipynb #16e8a74a
-def space_to_depth(x: torch.Tensor, size: int = 2) -> torch.Tensor:
-    "[B, C, H, W] -> [B, C*size*size, H/size, W/size]: each size x size patch folded into channels (c, i, j)."
+def check_patches(x: torch.Tensor, size: int = 2) -> None:
+    "Raise a ValueError unless the height and width of x are divisible by size (into whole size x size patches)."
     h, w = x.shape[-2:]
     if h % size or w % size:
         raise ValueError(f"height and width must be divisible by {size}, got {h} x {w}")
+
+
+def space_to_depth(x: torch.Tensor, size: int = 2) -> torch.Tensor:
+    "[B, C, H, W] -> [B, C*size*size, H/size, W/size]: each size x size patch folded into channels (c, i, j)."
+    check_patches(x, size)
     return F.pixel_unshuffle(x, size)
 
 

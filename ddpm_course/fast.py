@@ -9,11 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Attention, Block, LinearAttention, Upsample
+from .blocks import Attention, Block, Downsample, LinearAttention, Upsample, check_patches
+from .unet import UNet
 
 # %% auto #0
-__all__ = ['FAST_FORMS', 'upsample_taps', 'subpixel_kernel', 'FastUpsample', 'FastBlock', 'FastLinearAttention', 'FastAttention',
-           'make_fast', 'make_plain']
+__all__ = ['FAST_FORMS', 'is_channels_last', 'to_tokens', 'from_tokens', 'upsample_taps', 'subpixel_kernel', 'FastUpsample',
+           'FastBlock', 'FastLinearAttention', 'FastAttention', 'FastDownsample', 'FastUNet', 'make_fast', 'make_plain']
+
+# %% ../nbs/08b_fast_unet.ipynb #d039181b
+def is_channels_last(x: torch.Tensor) -> bool:
+    "Whether a [B, C, H, W] tensor is stored channels-last ([B, H, W, C] in memory) and not in the standard layout."
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    "[B, C, H, W] -> [B, H*W, C], one row of C values per pixel: a view of a channels-last map, a copy otherwise."
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def from_tokens(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    "[B, H*W, C] -> [B, C, H, W], a view of the same memory: a channels-last map."
+    b, n, c = tokens.shape
+    return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
 
 # %% ../nbs/08b_fast_unet.ipynb #c2366cfd
 def upsample_taps(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
@@ -32,13 +50,16 @@ class FastUpsample(Upsample):
     "`Upsample` as a sub-pixel conv: one 3x3 conv with 4*C_out outputs at the input size, then pixel_shuffle."
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(x):
+            return super().forward(x)  # channels-last: the plain form is as fast (measured below)
         bias = self.conv.bias
         bias = None if bias is None else bias.repeat_interleave(4)
         return F.pixel_shuffle(F.conv2d(x, subpixel_kernel(self.conv.weight), bias, padding=1), 2)
 
+
 # %% ../nbs/08b_fast_unet.ipynb #0ac02400
 class FastBlock(Block):
-    "`Block` with GroupNorm's affine map and the scale-shift merged into one group_norm call over the batch."
+    "`Block` with GroupNorm's affine map and the scale-shift merged: one group_norm call over the batch (standard layout) or one multiply-add (channels-last)."
 
     def forward(self, x: torch.Tensor, scale_shift: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
         if scale_shift is None:
@@ -51,50 +72,95 @@ class FastBlock(Block):
             weight, bias = weight.expand(b, c, 1, 1), bias + shift
         else:
             weight, bias = weight * (scale + 1), torch.addcmul(shift, bias, scale + 1)  # w', b' per image and channel
-        x = F.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * self.norm.num_groups,
-                         weight.reshape(-1), bias.reshape(-1), self.norm.eps)
-        return self.dropout(self.act(x.view(b, c, *x.shape[2:])))
+        if is_channels_last(x):  # the [1, B*C, H, W] view needs the standard layout: normalise, then one multiply-add
+            x = torch.addcmul(bias, F.group_norm(x, self.norm.num_groups, eps=self.norm.eps), weight)
+        else:
+            x = F.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * self.norm.num_groups,
+                             weight.reshape(-1), bias.reshape(-1), self.norm.eps).view(b, c, *x.shape[2:])
+        return self.dropout(self.act(x))
 
 # %% ../nbs/08b_fast_unet.ipynb #6ec83075
 class FastLinearAttention(LinearAttention):
-    "`LinearAttention` re-associated (neither V nor the per-head output is formed); on CPU, in chunks of the batch."
+    "`LinearAttention` re-associated (neither V nor the per-head output is formed), in either layout; on CPU at inference, in chunks of the batch."
 
     chunk_bytes = 2**20  # on CPU, images per chunk such that each [heads*d, H, W] intermediate stays under 1 MB
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_image = x.element_size() * self.heads * self.dim_head * x.shape[-2] * x.shape[-1]
         chunk = max(1, self.chunk_bytes // per_image)
-        if x.device.type != "cpu" or chunk >= x.shape[0]:
-            return self._attend(x)
-        return torch.cat([self._attend(part) for part in x.split(chunk)])  # images are independent
+        attend = self._attend_tokens if is_channels_last(x) else self._attend
+        if x.device.type != "cpu" or chunk >= x.shape[0] or torch.is_grad_enabled():  # chunks: inference on CPU
+            return self.to_out[1](attend(x))
+        return self.to_out[1](torch.cat([attend(part) for part in x.split(chunk)]))  # images are independent
+
+    def _output_matrix(self, kx: torch.Tensor) -> torch.Tensor:
+        "softmax(K) X^T [B, heads*d, C] -> M [B, C, heads*d], so that the output is M softmax(Q) + b_o."
+        b, _, c = kx.shape
+        heads, d = self.heads, self.dim_head
+        w_v = self.to_qkv.weight[2 * heads * d:].view(heads, d, c)
+        context = kx.view(b, heads, d, c) @ w_v.transpose(-1, -2)  # [B, heads, d, d]: softmax(K) V^T
+        w_out = self.to_out[0].weight.view(c, heads, d).transpose(0, 1) * self.scale  # [heads, C, d]: s W_o
+        return (w_out @ context.transpose(-1, -2)).transpose(1, 2).reshape(b, c, heads * d)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        "Standard layout: q and k from 1x1 convs, [B, heads*d, N]; the output convolution's result [B, C, H, W]."
         b, c, h, w = x.shape
         heads, d, n = self.heads, self.dim_head, h * w
-        w_q, w_k, w_v = self.to_qkv.weight.chunk(3)  # each [heads*d, C, 1, 1]
+        w_q, w_k, _ = self.to_qkv.weight.chunk(3)  # each [heads*d, C, 1, 1]
         q = F.conv2d(x, w_q).view(b, heads, d, n).softmax(dim=-2)
         k = F.conv2d(x, w_k).view(b, heads * d, n).softmax(dim=-1)
-        kx = k @ x.reshape(b, c, n).transpose(1, 2)  # [B, heads*d, C]: softmax(K) X^T
-        context = kx.view(b, heads, d, c) @ w_v.view(heads, d, c).transpose(-1, -2)  # [B, heads, d, d]
-        w_out = self.to_out[0].weight.view(c, heads, d).transpose(0, 1) * self.scale  # [heads, C, d]: s W_o
-        m = (w_out @ context.transpose(-1, -2)).transpose(1, 2).reshape(b, c, heads * d)  # [B, C, heads*d]
-        out = torch.baddbmm(self.to_out[0].bias[:, None], m, q.view(b, heads * d, n))  # [B, C, N]
-        return self.to_out[1](out.view(b, c, h, w))
+        m = self._output_matrix(k @ x.reshape(b, c, n).transpose(1, 2))  # softmax(K) X^T: [B, heads*d, C]
+        return torch.baddbmm(self.to_out[0].bias[:, None], m, q.view(b, heads * d, n)).view(b, c, h, w)
+
+    def _attend_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        "Channels-last: the same products on the tokens [B, N, C], one matrix product per projection."
+        b, c, h, w = x.shape
+        heads, d, n = self.heads, self.dim_head, h * w
+        tokens = to_tokens(x)
+        w_q, w_k, _ = self.to_qkv.weight.view(3, heads * d, c)
+        q = (tokens.reshape(b * n, c) @ w_q.T).view(b, n, heads, d).softmax(dim=-1)  # over the d features of a head
+        k = (tokens.reshape(b * n, c) @ w_k.T).view(b, n, heads * d).softmax(dim=1)  # over the N positions
+        m = self._output_matrix(k.transpose(1, 2) @ tokens)
+        return from_tokens(torch.baddbmm(self.to_out[0].bias, q.view(b, n, heads * d), m.transpose(1, 2)), h, w)
 
 # %% ../nbs/08b_fast_unet.ipynb #40f46161
 class FastAttention(Attention):
-    "`Attention` with q, k, v laid out [B, heads, N, d] with d contiguous: the layout of the fused SDPA kernels."
+    "`Attention` on the tokens [B, N, C]: q, k, v laid out [B, heads, N, d] with d contiguous, the layout of the fused SDPA kernels."
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        qkv = self.to_qkv(x).flatten(2).transpose(1, 2).contiguous()  # tokens [B, N, 3*heads*d]: one copy
+        b, c, h, w = x.shape
+        qkv = to_tokens(x) @ self.to_qkv.weight.view(-1, c).T  # [B, N, 3*heads*d]; tokens: a copy unless channels-last
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)  # each [B, heads, N, d]
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.permute(0, 1, 3, 2).reshape(b, -1, h, w))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [B, N, heads*d]
+        out = from_tokens(F.linear(out, self.to_out.weight.view(c, -1), self.to_out.bias), h, w)
+        return out if is_channels_last(x) else out.contiguous()
+
+# %% ../nbs/08b_fast_unet.ipynb #90b53ce3
+class FastDownsample(Downsample):
+    "`Downsample` of kind 'space_to_depth' as one 2x2 convolution of stride 2: the 1x1 kernel folded back into 2x2 patches."
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "space_to_depth":
+            return super().forward(x)
+        check_patches(x, 2)
+        w = self.conv.weight  # [C_out, 4*C, 1, 1]; input channel 4c + 2i + j holds pixel (i, j) of channel c's patch
+        return F.conv2d(x, w.view(w.shape[0], -1, 2, 2), self.conv.bias, stride=2)
+
+# %% ../nbs/08b_fast_unet.ipynb #2a3b42eb
+class FastUNet(UNet):
+    "`UNet` that, on CPU, runs channels-last for images of at least `channels_last_min_pixels` pixels; outputs in the standard layout."
+
+    channels_last_min_pixels = 16 * 16  # measured below: channels-last is faster at 32x32, no faster at 8x8
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.device.type != "cpu" or x.shape[-2] * x.shape[-1] < self.channels_last_min_pixels:
+            return super().forward(x, t, y)
+        return super().forward(x.contiguous(memory_format=torch.channels_last), t, y).contiguous()
 
 # %% ../nbs/08b_fast_unet.ipynb #02281014
 FAST_FORMS: dict[type[nn.Module], type[nn.Module]] = {
     Upsample: FastUpsample, Block: FastBlock, LinearAttention: FastLinearAttention, Attention: FastAttention,
+    Downsample: FastDownsample, UNet: FastUNet,
 }
 
 

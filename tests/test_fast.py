@@ -10,16 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ddpm_course.blocks import Attention, Block, LinearAttention, Upsample
+from ddpm_course.blocks import Attention, Block, Downsample, LinearAttention, Upsample
 from ddpm_course.unet import ToyMLP
 from ddpm_course.fast import (
     FAST_FORMS,
     FastAttention,
     FastBlock,
+    FastDownsample,
+    FastLinearAttention,
+    FastUNet,
     FastUpsample,
+    from_tokens,
+    is_channels_last,
     make_fast,
     make_plain,
     subpixel_kernel,
+    to_tokens,
     upsample_taps,
 )
 from ddpm_course.checkpoint import load_model
@@ -51,6 +57,27 @@ def assert_same_function(plain: nn.Module, fast: nn.Module, *inputs, atol: float
         torch.testing.assert_close(p2[n], p1[n], atol=atol, rtol=1e-7, msg=n)
 
 
+LAYOUTS = ["standard", "channels_last"]
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    "x with the same values, stored in the given layout."
+    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def test_layout_helpers():
+    x = torch.randn(2, 3, 4, 5)
+    cl = in_layout(x, "channels_last")
+    assert is_channels_last(cl) and not is_channels_last(x) and not is_channels_last(torch.randn(3, 4, 5))
+    assert not is_channels_last(torch.randn(2, 3, 1, 1).contiguous(memory_format=torch.channels_last))  # both at once
+    tokens = to_tokens(cl)
+    assert tokens.shape == (2, 20, 3) and tokens.data_ptr() == cl.data_ptr()  # a view of a channels-last map
+    assert torch.equal(tokens[1, 3 * 5 + 2], x[1, :, 3, 2])  # pixel (3, 2) of image 1
+    assert torch.equal(to_tokens(x), tokens)  # a copy of a standard one, the same values
+    back = from_tokens(tokens, 4, 5)
+    assert torch.equal(back, x) and is_channels_last(back) and back.data_ptr() == cl.data_ptr()
+
+
 def fast_copy(plain: nn.Module) -> nn.Module:
     "A copy of the plain block in its fast form (same parameters)."
     fast = make_fast(copy.deepcopy(plain))
@@ -69,34 +96,38 @@ def test_upsample_taps_from_the_repeat():
     assert subpixel_kernel(torch.randn(5, 3, 3, 3)).shape == (20, 3, 3, 3)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(2, 4, 5, 7), (1, 3, 1, 1), (3, 8, 4, 4)])
-def test_fast_upsample(shape):
+def test_fast_upsample(shape, layout):
     up = Upsample(shape[1], 6)
-    x = torch.randn(shape)
+    x = in_layout(torch.randn(shape), layout)
     ref = up.conv(x.repeat_interleave(2, 2).repeat_interleave(2, 3))  # the definition, without F.interpolate
     fast = fast_copy(up)
     torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-5)
     assert_same_function(up, fast, x)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("time", ["scale_shift", "shift", "none"])
 @pytest.mark.parametrize("weight_standardize", [False, True])
-def test_fast_block(time, weight_standardize):
+def test_fast_block(time, weight_standardize, layout):
     blk = Block(4, 8, groups=4, weight_standardize=weight_standardize)
     with torch.no_grad():
         blk.norm.weight.uniform_(0.5, 1.5)
         blk.norm.bias.uniform_(-0.5, 0.5)
-    x, scale, shift = torch.randn(3, 4, 5, 6), torch.randn(3, 8, 1, 1), torch.randn(3, 8, 1, 1)
+    x, scale, shift = in_layout(torch.randn(3, 4, 5, 6), layout), torch.randn(3, 8, 1, 1), torch.randn(3, 8, 1, 1)
     ss = {"scale_shift": (scale, shift), "shift": (None, shift), "none": None}[time]
     fast = fast_copy(blk)
     assert_same_function(blk, fast, x, ss)
     # against GroupNorm written out: groups of 2 channels, biased variance, eps 1e-5
-    h = blk.proj(x).view(3, 4, -1)
+    h = blk.proj(x).reshape(3, 4, -1)
     h = ((h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()).view(3, 8, 5, 6)
     h = h * blk.norm.weight[:, None, None] + blk.norm.bias[:, None, None]
     if ss is not None:
         h = h * (1 + (0 if ss[0] is None else ss[0])) + ss[1]
-    torch.testing.assert_close(fast(x, ss), F.silu(h), atol=1e-5, rtol=1e-4)
+    out = fast(x, ss)
+    torch.testing.assert_close(out, F.silu(h), atol=1e-5, rtol=1e-4)
+    assert is_channels_last(out) == (layout == "channels_last")  # the layout flows through
 
 
 def test_fast_block_dropout_only_in_training():
@@ -114,40 +145,82 @@ def _quadratic_linear_attention(la: LinearAttention, x: torch.Tensor) -> torch.T
     return la.to_out(torch.einsum("bhij,bhej->bhei", weights, v).reshape(b, -1, h, w))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 3000])
-def test_fast_linear_attention(chunk_bytes):
+def test_fast_linear_attention(chunk_bytes, layout):
     la = LinearAttention(8, heads=2, dim_head=4)
     with torch.no_grad():
         la.to_out[0].bias.uniform_(-1, 1)
-    x = torch.randn(5, 8, 3, 4) * 2
+    x = in_layout(torch.randn(5, 8, 3, 4) * 2, layout)
     fast = fast_copy(la)
     if chunk_bytes is not None:
         fast.chunk_bytes = chunk_bytes  # 1: one image at a time; 3000 (float32): chunks of 3 and 2 images
-    torch.testing.assert_close(fast(x), _quadratic_linear_attention(la, x), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # chunks are taken only when no gradient is recorded
+        ref = _quadratic_linear_attention(la, x)
+        torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-4)
     assert_same_function(la, fast, x)
 
 
+def test_fast_linear_attention_chunks_only_at_inference(monkeypatch):
+    fast, x = FastLinearAttention(8, heads=2, dim_head=4), torch.randn(5, 8, 3, 4)
+    fast.chunk_bytes = 1
+    calls = []
+    attend = FastLinearAttention._attend
+    monkeypatch.setattr(FastLinearAttention, "_attend", lambda self, part: calls.append(len(part)) or attend(self, part))
+    with torch.no_grad():
+        fast(x)
+    assert calls == [1] * 5
+    calls.clear()
+    fast(x)
+    assert calls == [5]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("heads,dim_head,hw", [(1, 16, (4, 4)), (4, 8, (3, 5))])
-def test_fast_attention(heads, dim_head, hw):
+def test_fast_attention(heads, dim_head, hw, layout):
     attn = Attention(12, heads, dim_head)
-    x = torch.randn(2, 12, *hw) * 3
+    x = in_layout(torch.randn(2, 12, *hw) * 3, layout)
     b, _, h, w = x.shape
     q, k, v = attn.to_qkv(x).reshape(b, 3, heads, dim_head, h * w).unbind(1)
     weights = (torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(dim_head)).softmax(-1)
     ref = attn.to_out(torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(b, -1, h, w))
     fast = fast_copy(attn)
-    torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-4)
+    out = fast(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert is_channels_last(out) == (layout == "channels_last")
     assert_same_function(attn, fast, x)
 
 
-def test_fast_attention_runs_the_fused_kernel():
-    attn, x = Attention(64), torch.randn(2, 64, 4, 4)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_attention_runs_the_fused_kernel(layout):
+    attn, x = Attention(64), in_layout(torch.randn(2, 64, 4, 4), layout)
     fast = make_fast(copy.deepcopy(attn))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast(x)  # the only kernel allowed is the fused one
-        with pytest.raises(RuntimeError, match="No available kernel"):
-            attn(x)  # the plain layout (d strided) is refused by it
+        if layout == "standard":  # (a channels-last map happens to give the plain form d contiguous too)
+            with pytest.raises(RuntimeError, match="No available kernel"):
+                attn(x)  # the plain layout (d strided) is refused by it
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_downsample(layout):
+    down = Downsample(3, 5)
+    x = in_layout(torch.randn(2, 3, 4, 6), layout)
+    # brute force: output pixel (p, q) mixes the 2x2 patch at (2p, 2q) through 1x1 weight column 4c + 2i + j
+    w, ref = down.conv.weight[:, :, 0, 0], torch.empty(2, 5, 2, 3)
+    for p in range(2):
+        for q in range(3):
+            patch = torch.stack([x[:, c, 2 * p + i, 2 * q + j] for c in range(3) for i in range(2) for j in range(2)], 1)
+            ref[:, :, p, q] = patch @ w.T + down.conv.bias
+    fast = fast_copy(down)
+    torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-5)
+    assert_same_function(down, fast, x)
+    with pytest.raises(ValueError, match="divisible by 2, got 5 x 6"):
+        fast(torch.randn(1, 3, 5, 6))
+    conv_kind = Downsample(3, 5, kind="conv")
+    assert_same_function(conv_kind, fast_copy(conv_kind), x)  # the strided 3x3 kind is left as it is
 
 
 def _small_unet(**kw) -> UNet:
@@ -171,6 +244,23 @@ def test_make_fast_on_a_unet(time_cond):
     with torch.no_grad():
         torch.testing.assert_close(plain(x, t), ref, atol=1e-5, rtol=1e-4)
     assert make_plain(plain) is plain and not {type(m) for m in plain.modules()} & set(FAST_FORMS.values())
+
+
+@pytest.mark.parametrize("size,channels_last", [(8, False), (16, True)])
+def test_fast_unet_runs_channels_last_on_cpu_above_the_threshold(size, channels_last):
+    plain = _small_unet()
+    fast = make_fast(copy.deepcopy(plain))
+    assert type(fast) is FastUNet and FastUNet.channels_last_min_pixels == 256
+    seen = []
+    fast.init_conv.register_forward_pre_hook(lambda m, args: seen.append(is_channels_last(args[0])))
+    x, t = torch.randn(2, 3, size, size), torch.tensor([1, 900])
+    out = fast(x, t)
+    assert seen == [channels_last] and out.is_contiguous()  # the output in the standard layout either way
+    assert_same_function(plain, fast, x, t)
+    fast.channels_last_min_pixels = 0 if not channels_last else 10**9  # the other layout, the same function
+    assert_same_function(plain, fast, x, t)
+    with pytest.raises(ValueError, match="expected x of shape"):
+        fast(torch.randn(3, size, size), 5)  # bad input gets the plain network's message
 
 
 def test_state_dicts_load_across_forms():
