@@ -215,6 +215,7 @@ def test_fast_downsample(layout):
             patch = torch.stack([x[:, c, 2 * p + i, 2 * q + j] for c in range(3) for i in range(2) for j in range(2)], 1)
             ref[:, :, p, q] = patch @ w.T + down.conv.bias
     fast = fast_copy(down)
+    assert type(fast) is FastDownsample
     torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-5)
     assert_same_function(down, fast, x)
     with pytest.raises(ValueError, match="divisible by 2, got 5 x 6"):
