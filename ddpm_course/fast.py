@@ -155,7 +155,11 @@ class FastUNet(UNet):
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, y: torch.Tensor | None = None) -> torch.Tensor:
         if not self.channels_last or x.dim() != 4 or x.device.type != "cpu":
             return super().forward(x, t, y)
-        return super().forward(x.contiguous(memory_format=torch.channels_last), t, y).contiguous()
+        b, c, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        if c == 1:  # both layouts are then the same memory; the convolution reads the strides, so set them channels-last
+            x = x.as_strided(x.shape, (h * w, 1, w, 1))
+        return super().forward(x, t, y).contiguous()
 
 
 # %% ../nbs/08b_fast_unet.ipynb #02281014

@@ -224,8 +224,8 @@ def test_fast_downsample(layout):
     assert_same_function(conv_kind, fast_copy(conv_kind), x)  # the strided 3x3 kind is left as it is
 
 
-def _small_unet(**kw) -> UNet:
-    return UNet(dim=16, dim_mults=(1, 2), channels=3, num_res_blocks=1, attn=("linear", "full"), mid_attn="full",
+def _small_unet(channels: int = 3, **kw) -> UNet:
+    return UNet(dim=16, dim_mults=(1, 2), channels=channels, num_res_blocks=1, attn=("linear", "full"), mid_attn="full",
                 heads=2, dim_head=8, groups=4, **kw)
 
 
@@ -247,14 +247,15 @@ def test_make_fast_on_a_unet(time_cond):
     assert make_plain(plain) is plain and not {type(m) for m in plain.modules()} & set(FAST_FORMS.values())
 
 
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [8, 16])
-def test_fast_unet_runs_channels_last_on_cpu(size):
-    plain = _small_unet()
+def test_fast_unet_runs_channels_last_on_cpu(size, channels):
+    plain = _small_unet(channels=channels)
     fast = make_fast(copy.deepcopy(plain))
     assert type(fast) is FastUNet and fast.channels_last
-    seen = []
-    fast.init_conv.register_forward_pre_hook(lambda m, args: seen.append(is_channels_last(args[0])))
-    x, t = torch.randn(2, 3, size, size), torch.tensor([1, 900])
+    seen = []  # the layout of the first convolution's output: one input channel is ambiguous, 16 outputs are not
+    fast.init_conv.register_forward_hook(lambda m, args, out: seen.append(is_channels_last(out)))
+    x, t = torch.randn(2, channels, size, size), torch.tensor([1, 900])
     out = fast(x, t)
     assert seen == [True] and out.is_contiguous()  # channels-last inside, the standard layout outside
     assert_same_function(plain, fast, x, t)
@@ -263,7 +264,7 @@ def test_fast_unet_runs_channels_last_on_cpu(size):
     assert seen[-1] is False
     assert_same_function(plain, fast, x, t)
     with pytest.raises(ValueError, match="expected x of shape"):
-        fast(torch.randn(3, size, size), 5)  # bad input gets the plain network's message
+        fast(torch.randn(channels, size, size), 5)  # bad input gets the plain network's message
 
 
 def test_state_dicts_load_across_forms():
