@@ -259,6 +259,9 @@ def test_fast_unet_runs_channels_last_on_cpu(size, channels):
     out = fast(x, t)
     assert seen == [True] and out.is_contiguous()  # channels-last inside, the standard layout outside
     assert_same_function(plain, fast, x, t)
+    x_view = torch.randn(5, channels, 2 * size, size)[1:3, :, ::2]  # a view: storage offset, strides of its own
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x_view, t), plain(x_view, t), atol=1e-5, rtol=1e-4)
     fast.channels_last = False
     fast(x, t)
     assert seen[-1] is False
