@@ -112,15 +112,14 @@ class FastLinearAttention(LinearAttention):
         return torch.baddbmm(self.to_out[0].bias[:, None], m, q.view(b, heads * d, n)).view(b, c, h, w)
 
     def _attend_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        "Channels-last: the same products on the tokens [B, N, C], one matrix product per projection."
+        "Channels-last: the same products on the tokens [B, N, C]; each softmax over a contiguous axis."
         b, c, h, w = x.shape
         heads, d, n = self.heads, self.dim_head, h * w
         tokens = to_tokens(x)
-        rows = tokens.reshape(b * n, c)  # every pixel of the batch: one matrix product per projection
         w_q, w_k, _ = self.to_qkv.weight.view(3, heads * d, c)
-        q = (rows @ w_q.T).view(b, n, heads, d).softmax(dim=-1)  # over the d features of a head
-        k = (rows @ w_k.T).view(b, n, heads * d).softmax(dim=1)  # over the N positions
-        m = self._output_matrix(k.transpose(1, 2) @ tokens)
+        q = (tokens.reshape(b * n, c) @ w_q.T).view(b, n, heads, d).softmax(dim=-1)  # over the d features of a head
+        k = torch.bmm(w_k.expand(b, -1, -1), tokens.transpose(1, 2)).softmax(dim=-1)  # [B, heads*d, N]: over positions
+        m = self._output_matrix(k @ tokens)
         return from_tokens(torch.baddbmm(self.to_out[0].bias, q.view(b, n, heads * d), m.transpose(1, 2)), h, w)
 
 # %% ../nbs/08b_fast_unet.ipynb #40f46161
