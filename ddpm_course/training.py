@@ -349,7 +349,7 @@ def _train(dp: DistContext, cfg: TrainConfig, out: Path, progress: bool, sampler
     ema_ddpm = DDPM(ddpm.model if ema is None else ema, ddpm.schedule, cfg.loss, ddpm.sample_shape, cfg.prediction,
                     cfg.min_snr_gamma)
     params = [p for p in ddpm.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     start, resumed_from, last_ckpt = 0, None, None
