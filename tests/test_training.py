@@ -281,7 +281,7 @@ def test_the_device_can_be_passed_explicitly(tmp_path):
     assert next(model.parameters()).device == cpu and sample_ddim(model, 2, steps=3, seed=0).device == cpu
 
 
-def test_the_optimiser_is_fused_adamw_and_resumes_as_such(straight_run):
+def test_the_optimiser_is_fused_adamw_and_its_checkpoint_says_so(straight_run):
     "On a CPU the loop steps PyTorch's fused AdamW (one kernel for all parameters); the checkpoint says so."
     groups = load_checkpoint(straight_run.out_dir).optimizer["param_groups"]
     assert [g["fused"] for g in groups] == [True]
